@@ -1,0 +1,381 @@
+"""Typed run configuration: YAML in, validated dataclasses out, the resolved YAML written back.
+
+Every field carries its documentation and, where the values are a closed set, the accepted values
+(`field(metadata=...)`), so that error messages, `rayclust config --show` and the README table
+all come from this one place. Unknown keys and bad values raise `ConfigError` naming the dotted
+key and what is accepted. `--set a.b=c` overrides are parsed as YAML scalars, so `--set
+stage1.epochs=5` is an int and `--set model.pretrained=none` is the string "none".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from rayclust.storage import StorageOptions
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or `--set` override; the message says how to fix it."""
+
+
+def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None,
+       factory: Any = None) -> Any:
+    meta = {"doc": doc, "choices": choices, "min": minimum}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class InputConfig:
+    path: str | None = _f(None, "Folder or s3:// prefix of images (searched recursively), or a "
+                                "Parquet/CSV manifest with a `uri` column and optional `label`.")
+    labels: str = _f("none", "Where ground-truth labels come from, for evaluation only: `none`, "
+                             "`from_folder` (the image's parent folder name) or `manifest` (the "
+                             "manifest's `label` column).", ("none", "from_folder", "manifest"))
+    extensions: list[str] = _f(None, "File extensions taken from a folder or prefix.",
+                               factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tif",
+                                                "tiff", "gif"])
+    max_images: int | None = _f(None, "Use at most this many images (the first in sorted URI "
+                                      "order); `null` takes all.", minimum=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("ViT-B-32", "open_clip architecture name (`open_clip.list_models()`), or "
+                               "`hf-hub:org/repo`. `rayclust-tiny` is a built-in random test model.")
+    pretrained: str = _f("laion2b_s34b_b79k", "open_clip pretrained tag "
+                         "(`open_clip.list_pretrained_tags_by_model(name)`), a local checkpoint "
+                         "path, or `none` for random weights (offline; exercises the pipeline).")
+    device: str = _f("auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")
+    batch_size: int = _f(64, "Images per encoder forward pass.", minimum=1)
+    text_batch_size: int = _f(512, "Prompts per text-encoder forward pass.", minimum=1)
+    cache_dir: str | None = _f(None, "Where downloaded weights are cached (open_clip's default "
+                                     "when null).")
+
+
+@dataclass
+class VocabularyConfig:
+    source: str = _f("wordnet", "`wordnet` (bundled WordNet 3.0 nouns), or a path/URI to a text "
+                                "file with one noun per line.")
+    max_nouns: int | None = _f(None, "Keep only the N most frequent nouns (WordNet: by SemCor "
+                                     "tagged-sense count); `null` keeps all.", minimum=1)
+    normalize_templates: bool = _f(False, "Normalise each prompt-template embedding before "
+                                          "averaging (VLM4Cluster) instead of averaging raw "
+                                          "embeddings (TAC's code).")
+    embeddings: str | None = _f(None, "Parquet of precomputed `(noun, embedding)` to use instead "
+                                      "of encoding the nouns.")
+    cache_dir: str | None = _f(None, "Cache of noun embeddings per model; default "
+                                     "`~/.cache/rayclust/vocabulary`.")
+
+
+@dataclass
+class KMeansConfig:
+    iterations: int = _f(100, "Lloyd iterations per restart.", minimum=1)
+    restarts: int = _f(3, "Restarts with fresh k-means++ seeding; the lowest inertia wins.",
+                       minimum=1)
+    max_points_per_centroid: int = _f(256, "Fit on a uniform subsample of at most this many "
+                                           "points per centroid (faiss's default), then assign "
+                                           "every point.", minimum=1)
+
+
+@dataclass
+class TACConfig:
+    semantic_centres: int | None = _f(None, "M, the k-means centres used to select nouns; null "
+                                            "= max(round(N/300), 3K) capped at nouns/5.",
+                                      minimum=2)
+    nouns_per_centre: int = _f(5, "Nouns kept per semantic centre.", minimum=1)
+    retrieval_temperature: float = _f(0.005, "tau of the softmax that builds text counterparts.",
+                                      minimum=1e-6)
+    knn: int = _f(50, "Neighbours mined in image and counterpart space.", minimum=1)
+    epochs: int = _f(20, "Training epochs.", minimum=1)
+    batch_size: int = _f(512, "Anchors per batch.", minimum=2)
+    learning_rate: float = _f(1e-3, "Adam learning rate.", minimum=0.0)
+    distill_temperature: float = _f(0.5, "tau-hat of the cluster-level contrastive loss "
+                                         "(TAC uses 5.0 for K >= 100).", minimum=1e-6)
+    entropy_weight: float = _f(5.0, "lambda, weight of the marginal-entropy balance term.",
+                               minimum=0.0)
+
+
+@dataclass
+class SEICConfig:
+    candidate_nouns_per_centre: int = _f(200, "k1: nouns kept per k-means centre as candidates.",
+                                         minimum=1)
+    nouns_per_image: int = _f(50, "k2: candidate nouns mixed into each text counterpart.",
+                              minimum=1)
+    retrieval_temperature: float = _f(0.01, "tau_t of the counterpart softmax.", minimum=1e-6)
+    epochs: int = _f(100, "Training epochs.", minimum=1)
+    batch_size: int = _f(1024, "Pairs per batch.", minimum=2)
+    learning_rate: float = _f(5e-3, "Adam learning rate.", minimum=0.0)
+    instance_weight: float = _f(0.5, "alpha, weight of the instance-level InfoNCE.", minimum=0.0)
+    assignment_weight: float = _f(1.0, "beta, weight of the assignment-level InfoNCE.",
+                                  minimum=0.0)
+    centre_weight: float = _f(1.0, "gamma, weight of the centre-level InfoNCE.", minimum=0.0)
+    balance_weight: float = _f(2.0, "delta, weight of the dynamic balancing regulariser.",
+                               minimum=0.0)
+    instance_temperature: float = _f(0.07, "Initial learnable temperature of the instance "
+                                           "InfoNCE.", minimum=1e-4)
+    assignment_temperature: float = _f(0.5, "Temperature of the assignment-level InfoNCE.",
+                                       minimum=1e-6)
+    centre_temperature: float = _f(0.5, "Temperature of the centre-level InfoNCE.", minimum=1e-6)
+    balance_momentum: float = _f(0.9, "EMA momentum of the cluster-usage history.", minimum=0.0)
+    balance_floor: float = _f(0.01, "Floor of the usage history before weighting.", minimum=0.0)
+    balance_max_weight: float = _f(5.0, "Cap of the per-cluster balancing weight.", minimum=1.0)
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = _f(True, "Compare the trained heads with plain k-means on the image features "
+                             "by a label-free score and keep k-means when language did not help.")
+    margin: float = _f(0.0, "k-means replaces the heads only if its score is higher by more "
+                            "than this.", minimum=0.0)
+    neighbours: int = _f(10, "Neighbours used by the label-free neighbour-agreement score.",
+                         minimum=1)
+    sample: int = _f(20000, "Points sampled for the score on large corpora.", minimum=100)
+
+
+@dataclass
+class OutputConfig:
+    embedding_dtype: str = _f("float32", "Arrow value type of stored embeddings.",
+                              ("float32", "float16"))
+    rows_per_file: int = _f(100000, "Maximum rows per output Parquet part.", minimum=1)
+    top_nouns: int = _f(5, "Nouns listed per cluster in clusters.parquet.", minimum=1)
+
+
+@dataclass
+class Config:
+    method: str = _f("seic", "Clustering method: `seic` (default) or `tac` (the baseline).",
+                     ("seic", "tac"))
+    clusters: int = _f(10, "K, the number of clusters.", minimum=2)
+    seed: int = _f(0, "Seed of every random choice (sampling, k-means, initialisation).")
+    device: str = _f("auto", "Device for the method layer: `auto`, `cpu`, `cuda`, `cuda:N`.")
+    progress: bool = _f(True, "Progress bars and periodic progress lines.")
+    input: InputConfig = _f(None, "Image corpus.", factory=InputConfig)
+    storage: StorageOptions = _f(None, "S3 access (credentials come from the standard AWS "
+                                       "chain, never from this file).", factory=StorageOptions)
+    model: ModelConfig = _f(None, "CLIP encoder.", factory=ModelConfig)
+    vocabulary: VocabularyConfig = _f(None, "Noun vocabulary.", factory=VocabularyConfig)
+    kmeans: KMeansConfig = _f(None, "Spherical k-means.", factory=KMeansConfig)
+    tac: TACConfig = _f(None, "TAC hyper-parameters.", factory=TACConfig)
+    seic: SEICConfig = _f(None, "SEIC stage-1 hyper-parameters.", factory=SEICConfig)
+    guard: GuardConfig = _f(None, "Language helps or steps aside.", factory=GuardConfig)
+    output: OutputConfig = _f(None, "Output files.", factory=OutputConfig)
+
+
+# StorageOptions lives in the storage module (attribute docstrings); its docs for the table:
+_STORAGE_DOCS = {
+    "endpoint": "S3 endpoint URL (e.g. `http://127.0.0.1:9000` for MinIO); null means AWS.",
+    "region": "AWS region; null lets the AWS SDK decide (AWS_DEFAULT_REGION, profile).",
+    "anonymous": "Unsigned requests for public buckets (also `s3://anonymous@bucket/key`).",
+}
+
+
+def field_doc(cls: type, f: dataclasses.Field) -> str:
+    if cls is StorageOptions:
+        return _STORAGE_DOCS.get(f.name, "")
+    return f.metadata.get("doc", "")
+
+
+# --------------------------------------------------------------------------------------------
+# Building from plain data
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(args[0])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a numeric pretrained tag
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = _type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" Did you mean `{prefix}{close[0]}`?" if close else ""
+        raise ConfigError(f"unknown key `{prefix}{key}`.{hint} Accepted keys here: "
+                          f"{', '.join(fields)}.")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        tp = hints[name]
+        if _is_section(tp):
+            kwargs[name] = _build(tp, data.get(name), key + ".")
+            continue
+        if name not in data:
+            continue
+        value = _coerce(data[name], tp, key)
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("min")
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not accepted; use one of: "
+                              f"{', '.join(map(str, choices))}.")
+        if minimum is not None and value is not None and value < minimum:
+            raise ConfigError(f"{key}: {value!r} is too small; the minimum is {minimum}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _validate(config: Config) -> None:
+    if config.seic.nouns_per_image > config.seic.candidate_nouns_per_centre * config.clusters:
+        raise ConfigError("seic.nouns_per_image cannot exceed seic.candidate_nouns_per_centre x "
+                          "clusters (the candidate pool).")
+    if config.guard.neighbours >= config.guard.sample:
+        raise ConfigError("guard.neighbours must be smaller than guard.sample.")
+
+
+def from_dict(data: dict | None) -> Config:
+    config = _build(Config, data or {}, "")
+    _validate(config)
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides and files
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], yaml-parsed c)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set clusters=20")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key is empty or malformed")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load(path: str | None = None, overrides: list[str] | None = None,
+         read_text: Any = None, base: dict | None = None) -> Config:
+    """Config from an optional YAML file (local or via `read_text(uri)`), then overrides."""
+    data: dict = dict(base or {})
+    if path is not None:
+        try:
+            text = read_text(path) if read_text else open(path, encoding="utf-8").read()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = _deep_merge(data, loaded or {})
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field: the documentation table."""
+    rows = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        doc = field_doc(cls, f)
+        rows.append((f"{prefix}{f.name}", yaml.safe_dump(default, default_flow_style=True)
+                     .strip().removesuffix("...").strip(), doc))
+    return rows

@@ -1,0 +1,381 @@
+"""CLIP encoders: build any open_clip model and embed images and text.
+
+Images travel as uint8 ``(B, H, W, 3)`` arrays already resized/cropped by
+:meth:`ImagePreprocess.to_uint8` (cheap to ship between workers); the
+``/255`` and mean/std normalisation happen on the model's device.
+Outputs are always float32 CPU tensors.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip import pretrained as oc_pretrained
+from open_clip.transformer import TextTransformer, text_global_pool
+from PIL import Image
+
+# Register the repo's tiny architectures (rayclust-tiny, ...) for tests and offline demos.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+_HF_PREFIX, _LOCAL_DIR_PREFIX = "hf-hub:", "local-dir:"
+
+
+class EncoderLoadError(RuntimeError):
+    """Model cannot be built; the message is meant for the user, no traceback needed."""
+
+
+# All user-facing load errors in one place.
+_MESSAGES = {
+    "device": "{msg}. Use device 'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.",
+    "unknown_model": "Unknown open_clip model {name!r}. Close matches: {close}. "
+                     "See open_clip.list_models() for all names (or use 'hf-hub:org/repo').",
+    "unknown_tag": "Pretrained weights {tag!r} are neither a known tag for model {name!r} nor an "
+                   "existing checkpoint file. Known tags: {tags}. Use 'none' for random weights.",
+    "download": "Could not download the pretrained weights for {what}: {err}\n"
+                "Weights are looked up in and downloaded to {cache}.\nTo run offline, either:\n"
+                "  * use random weights (exercises the pipeline, meaningless clusters): "
+                "--set model.pretrained=none\n"
+                "  * or pre-download the weights on a machine with internet access, e.g.\n"
+                "      python -c \"import open_clip; open_clip.create_model({call}, cache_dir='DIR')\"\n"
+                "    then copy DIR to this machine and set model.cache_dir=DIR.",
+    "build": "Could not build model {name!r} (pretrained={tag!r}): {err}",
+}
+
+
+def _fail(key: str, **kw) -> EncoderLoadError:
+    return EncoderLoadError(_MESSAGES[key].format(**kw))
+
+
+def _default_cache(cache_dir: str | None) -> str:
+    if cache_dir:
+        return repr(cache_dir) + " (model.cache_dir)"
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover
+        HF_HUB_CACHE = "~/.cache/huggingface/hub"
+    return f"the default caches ({HF_HUB_CACHE} for Hugging Face weights, ~/.cache/clip for URL weights)"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; accepts 'cpu', 'cuda', 'cuda:N'."""
+    spec = (device or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise _fail("device", msg=f"Invalid device {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _fail("device", msg=f"Device {device!r} requested but CUDA is not available "
+                                      f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise _fail("device", msg=f"Device {device!r} requested but only "
+                                      f"{torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise _fail("device", msg=f"Unsupported device {device!r}")
+    return dev
+
+
+# ----------------------------------------------------------------------------- images
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited on white (a transparent
+    background would otherwise turn black); 16/32-bit and float gray are scaled to 8 bit."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(image).astype(np.float64)
+        if mode.startswith("I;16"):
+            a = a / 257.0
+        elif mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+        elif a.size and a.max() > 255.0:  # 'I' is how PIL often opens 16-bit PNGs
+            a = a / 257.0 if a.min() >= 0 and a.max() <= 65535 else \
+                (a - a.min()) * (255.0 / max(a.max() - a.min(), 1e-12))
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode in ("P", "PA", "RGBA", "RGBa", "LA", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, HSV, ...
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """The eval-time geometry + normalisation of an open_clip model.
+
+    ``size`` is (H, W). Mirrors open_clip's ``image_transform(is_train=False)``.
+    """
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "ImagePreprocess":
+        """From ``model.visual.preprocess_cfg`` (open_clip >= 2.23)."""
+        size = cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size[-2:])
+        three = lambda v: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3))
+        interp = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"  # 'random' -> bicubic at eval
+        return cls((int(size[0]), int(size[1])), three(cfg["mean"]), three(cfg["std"]), interp,
+                   cfg.get("resize_mode") or "shortest", int(cfg.get("fill_color") or 0))
+
+    def to_uint8(self, image: Image.Image) -> np.ndarray:
+        """PIL image (any mode/size) -> (H, W, 3) uint8 RGB at ``size``."""
+        img = _to_rgb(image)
+        th, tw = self.size
+        w, h = img.size
+        if self.resize_mode == "squash":
+            new_h, new_w = th, tw
+        elif self.resize_mode == "shortest" and th == tw:
+            # torchvision Resize(int): short side -> size, long side truncated
+            short, long = min(w, h), max(w, h)
+            new_short, new_long = th, int(th * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        else:  # open_clip's ResizeKeepRatio: 'longest', or 'shortest' with a non-square target
+            ratio = (max if self.resize_mode == "longest" else min)(h / th, w / tw)
+            new_h, new_w = round(h / ratio), round(w / ratio)
+        if (new_w, new_h) != (w, h):
+            resample = Image.Resampling.BILINEAR if self.interpolation == "bilinear" else Image.Resampling.BICUBIC
+            img = img.resize((new_w, new_h), resample)
+        if new_w < tw or new_h < th:  # only 'longest': pad centred like open_clip's CenterCropOrPad
+            canvas = Image.new("RGB", (max(tw, new_w), max(th, new_h)), (self.fill_color,) * 3)
+            canvas.paste(img, ((tw - new_w) // 2 if tw > new_w else 0, (th - new_h) // 2 if th > new_h else 0))
+            img, (new_w, new_h) = canvas, canvas.size
+        top, left = int(round((new_h - th) / 2.0)), int(round((new_w - tw) / 2.0))
+        if (new_w, new_h) != (tw, th):
+            img = img.crop((left, top, left + tw, top + th))
+        return np.array(img, dtype=np.uint8)  # writable copy (torch warns on read-only arrays)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+def _trimmable_text_tower(model: torch.nn.Module) -> dict | None:
+    """Parts of a causal, EOT-pooled text transformer, or None if trimming is unsafe.
+
+    With a causal mask, the token at position p only sees positions <= p, so when
+    pooling at the EOT/EOS token, dropping padding columns after the last pooled
+    position leaves the output unchanged. Bidirectional towers (SigLIP), 'last'/'first'
+    pooling, CoCa's appended CLS token, pad masks and HF text towers are not trimmed.
+    """
+    if isinstance(model, open_clip.CLIP):  # text tower flattened onto the model
+        parts = dict(token_embedding=model.token_embedding, positional_embedding=model.positional_embedding,
+                     transformer=model.transformer, ln_final=model.ln_final,
+                     text_projection=model.text_projection, attn_mask=model.attn_mask,
+                     pool_type=model.text_pool_type, eos_id=getattr(model, "text_eos_id", None))
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        t = model.text
+        if t.cls_emb is not None or t.use_pad_mask or t.output_tokens:
+            return None
+        parts = dict(token_embedding=t.token_embedding, positional_embedding=t.positional_embedding,
+                     transformer=t.transformer, ln_final=t.ln_final, text_projection=t.text_projection,
+                     attn_mask=t.attn_mask, pool_type=t.pool_type, eos_id=t.eos_id)
+    else:
+        return None
+    mask = parts["attn_mask"]
+    if parts["pool_type"] not in ("argmax", "eos") or mask is None or mask.ndim != 2:
+        return None
+    causal = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    if not torch.equal(torch.isneginf(mask), causal) or not torch.all(mask[~causal] == 0):
+        return None
+    return parts
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", s).strip("-")
+
+
+class ClipEncoder:
+    """A loaded open_clip model in eval mode; see :func:`load_encoder`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str, pretrained: str | None,
+                 device: torch.device, cache_key: str):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.name, self.pretrained, self.device = name, pretrained, device
+        self._cache_key = cache_key
+        self.preprocess = ImagePreprocess.from_cfg(open_clip.get_model_preprocess_cfg(model))
+        self._text = _trimmable_text_tower(model)
+        self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
+        self.embed_dim = int(self._encode_tokens(self.tokenizer([""])).shape[1])
+
+    @property
+    def cache_key(self) -> str:
+        """Filesystem-safe id of (architecture, weights), e.g. 'ViT-B-32__laion2b_s34b_b79k'."""
+        return self._cache_key
+
+    @property
+    def trims_text(self) -> bool:
+        """Whether encode_texts drops trailing padding columns (causal, EOT-pooled towers)."""
+        return self._text is not None
+
+    def _autocast(self):
+        # bf16 on CUDA (fast, accurate enough for cosine geometry); exact fp32 on CPU.
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def encode_uint8(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 at ``preprocess.size`` -> (B, D) L2-normalised float32 CPU."""
+        x = torch.as_tensor(images)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3 or tuple(x.shape[1:3]) != self.preprocess.size:
+            raise ValueError(f"expected uint8 (B, {self.preprocess.size[0]}, {self.preprocess.size[1]}, 3) "
+                             f"images, got {x.dtype} {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            return torch.empty(0, self.embed_dim)
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self._mean) / self._std
+        with self._autocast():
+            feats = self.model.encode_image(x)
+        return F.normalize(feats.float(), dim=-1).cpu()
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 256) -> torch.Tensor:
+        """PIL images -> (B, D) L2-normalised float32 CPU (to_uint8 + encode_uint8)."""
+        out = [self.encode_uint8(np.stack([self.preprocess.to_uint8(im) for im in images[i:i + batch_size]]))
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, L) token ids -> (n, D) raw projected text features, float32 CPU."""
+        tokens = tokens.to(self.device)
+        with torch.no_grad(), self._autocast():
+            p = self._text
+            if p is None:
+                feats = self.model.encode_text(tokens)
+            else:  # same computation as CLIP.encode_text, on tokens[:, :L]
+                if p["pool_type"] == "argmax":
+                    pos = tokens.argmax(dim=-1)
+                else:
+                    pos = (tokens == p["eos_id"]).int().argmax(dim=-1)
+                L = int(pos.max()) + 1
+                tokens = tokens[:, :L]
+                cast_dtype = p["transformer"].get_cast_dtype()
+                x = p["token_embedding"](tokens).to(cast_dtype) + p["positional_embedding"][:L].to(cast_dtype)
+                x = p["ln_final"](p["transformer"](x, attn_mask=p["attn_mask"][:L, :L]))
+                feats = text_global_pool(x, tokens, p["pool_type"], eos_token_id=p["eos_id"])
+                proj = p["text_projection"]
+                if proj is not None:
+                    feats = proj(feats) if isinstance(proj, torch.nn.Linear) else feats @ proj
+        return feats.float().cpu()
+
+    def _text_batches(self, texts: list[str], batch_size: int):
+        """Yield (indices, raw features) batches. With trimming, texts are sorted by
+        length so each batch is trimmed to similar lengths (less wasted compute)."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if self.trims_text else list(range(len(texts)))
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            yield torch.tensor(idx), self._encode_tokens(self.tokenizer([texts[i] for i in idx]))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """n strings -> (n, D) RAW (unnormalised) projected text features, float32 CPU."""
+        texts = list(texts)
+        out = torch.empty(len(texts), self.embed_dim)
+        for idx, feats in self._text_batches(texts, batch_size):
+            out[idx] = feats
+        return out
+
+    @torch.no_grad()
+    def encode_prompt_ensemble(self, nouns: Sequence[str], templates: Sequence[str | Callable[[str], str]],
+                               batch_size: int = 256, normalize_templates: bool = False,
+                               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """TAC's prompt ensemble: e_j = normalize(mean_m g(template_m(noun_j))).
+
+        Templates are '{}'-format strings (or callables). TAC averages the RAW template
+        embeddings; ``normalize_templates=True`` L2-normalises each one first
+        (VLM4Cluster). All N_w * M prompts are batched together. Returns (N_w, D)
+        L2-normalised float32 CPU; ``progress(done, total)`` is called per batch.
+        """
+        if not templates:
+            raise ValueError("need at least one template")
+        fill = [t if callable(t) else t.format for t in templates]
+        prompts = [f(noun) for noun in nouns for f in fill]
+        m, total, done = len(fill), len(prompts), 0
+        sums = torch.zeros(len(nouns), self.embed_dim, dtype=torch.float64)  # float64: order-independent sum
+        for idx, feats in self._text_batches(prompts, batch_size):
+            if normalize_templates:
+                feats = F.normalize(feats, dim=-1)
+            sums.index_add_(0, idx // m, feats.double())
+            done += len(idx)
+            if progress is not None:
+                progress(done, total)
+        return F.normalize(sums, dim=-1).float()  # normalize(sum) == normalize(mean)
+
+
+def load_encoder(name: str, pretrained: str | None, device: str = "auto", cache_dir: str | None = None,
+                 seed: int = 0) -> ClipEncoder:
+    """Build open_clip model ``name`` with weights ``pretrained`` on ``device``.
+
+    ``pretrained``: an open_clip tag ('laion2b_s34b_b79k', 'openai'), 'hf-hub:org/repo'
+    (or pass that as ``name``), a local checkpoint file (or directory holding
+    open_clip_config.json + weights), or None/'none' for random weights seeded by ``seed``.
+    """
+    dev = resolve_device(device)
+    tag = None if pretrained is None or str(pretrained).strip().lower() in ("", "none", "null") else str(pretrained)
+    kwargs: dict = {}
+    if tag and tag.startswith(_HF_PREFIX):  # open_clip convention: hub models are named, not tagged
+        name, tag = tag, None
+    elif tag and os.path.isdir(tag):
+        name, tag = _LOCAL_DIR_PREFIX + tag, None
+    schema = name.startswith((_HF_PREFIX, _LOCAL_DIR_PREFIX))
+    arch = name if schema else name.replace("/", "-")  # open_clip accepts 'ViT-B/32' for 'ViT-B-32'
+    if not schema and arch not in open_clip.list_models():
+        models = open_clip.list_models()
+        lower = {m.lower(): m for m in models}
+        close = [lower[m] for m in difflib.get_close_matches(arch.lower(), list(lower), n=5, cutoff=0.4)]
+        raise _fail("unknown_model", name=name, close=", ".join(close) or "none")
+
+    if schema:
+        key = f"{_safe(arch)}__{'hf-hub' if arch.startswith(_HF_PREFIX) else 'local'}"
+        kwargs["require_pretrained"] = arch.startswith(_HF_PREFIX)
+    elif tag is None:
+        key = f"{_safe(arch)}__none-seed{seed}"
+    elif os.path.isfile(tag):
+        st = os.stat(tag)
+        digest = hashlib.sha1(f"{os.path.abspath(tag)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+        key = f"{_safe(arch)}__{_safe(Path(tag).stem)}-{digest}"
+        kwargs.update(pretrained=tag, require_pretrained=True)
+    else:
+        cfg = oc_pretrained.get_pretrained_cfg(arch, tag)
+        if not cfg:
+            raise _fail("unknown_tag", name=name, tag=tag,
+                        tags=", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none (random weights only)")
+        # Download first, separately, so a fetch failure is reported as such.
+        try:
+            path = oc_pretrained.download_pretrained(cfg, cache_dir=cache_dir)
+        except Exception as e:  # hub / urllib / requests / OS errors
+            raise _fail("download", what=f"model {arch!r} (pretrained={tag!r})", call=f"{arch!r}, pretrained={tag!r}",
+                        err=f"{type(e).__name__}: {e}", cache=_default_cache(cache_dir)) from e
+        key = f"{_safe(arch)}__{_safe(tag.lower().replace('-', '_'))}"  # open_clip's tag normalisation
+        # Loading from the file loses the tag's preprocessing: pass it explicitly. Weights trained
+        # with QuickGELU (e.g. 'openai') need it, or embeddings are subtly wrong (open_clip only warns).
+        kwargs.update(pretrained=path, require_pretrained=True,
+                      force_preprocess_cfg={k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
+                                            if k in cfg},
+                      force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+    try:
+        with torch.random.fork_rng(devices=[]):  # reproducible random init, caller's RNG untouched
+            torch.manual_seed(seed)
+            model = open_clip.create_model(arch, device=dev, cache_dir=cache_dir, **kwargs)
+        tokenizer = open_clip.get_tokenizer(arch, cache_dir=cache_dir)
+    except Exception as e:
+        if name.startswith(_HF_PREFIX):  # config/weights/tokenizer fetched from the hub
+            raise _fail("download", what=f"hub model {arch!r}", call=repr(arch), err=f"{type(e).__name__}: {e}",
+                        cache=_default_cache(cache_dir)) from e
+        raise _fail("build", name=name, tag=tag, err=f"{type(e).__name__}: {e}") from e
+    return ClipEncoder(model, tokenizer, arch, tag, dev, key)

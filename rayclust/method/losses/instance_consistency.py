@@ -1,0 +1,23 @@
+"""TAC's instance-level cross-modal consistency (ALGORITHM.md 3.8b).
+
+L_con = -(1/B) sum_i log(p^t_i . p^v_i), computed like TAC's code as binary cross-entropy of the
+dot product against 1, so the log is clamped at -100 exactly as in PyTorch's BCE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class InstanceConsistencyLoss(nn.Module):
+    """p_image, p_text (B, K) probabilities -> scalar.
+
+    Example::
+
+        loss = InstanceConsistencyLoss()(p_v, p_t)
+    """
+
+    def forward(self, p_image: torch.Tensor, p_text: torch.Tensor) -> torch.Tensor:
+        agreement = (p_image * p_text).sum(dim=1)
+        return -torch.log(agreement).clamp_min(-100.0).mean()

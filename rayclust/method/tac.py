@@ -1,0 +1,80 @@
+"""TAC, the baseline (ICML 2024; ALGORITHM.md 3): its global pieces and its loss.
+
+Per batch: anchors i give P^v = h^v(u_i), P^t = h^t(s_i); each anchor's neighbours give
+Q^t = h^t(s_j), j ~ U(N^t_k(i)) and Q^v = h^v(u_l), l ~ U(N^v_k(i)), one fresh draw per epoch.
+L = L_cc(P^v, Q^t) + L_cc(P^t, Q^v) + L_con(P^v, P^t) - lambda (H(mean P^t) + H(mean P^v)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rayclust.config import KMeansConfig, TACConfig
+from rayclust.method.counterparts import tac_counterparts
+from rayclust.method.heads import TACHeads
+from rayclust.method.losses import ClusterContrastiveLoss, InstanceConsistencyLoss, marginal_entropy
+from rayclust.method.neighbours import knn
+from rayclust.method.trainer import Stage1Inputs
+
+
+class TACCriterion(nn.Module):
+    def __init__(self, distill_temperature: float, entropy_weight: float,
+                 gather_distributed: bool = False):
+        super().__init__()
+        self.distill = ClusterContrastiveLoss(distill_temperature, gather_distributed)
+        self.consistency = InstanceConsistencyLoss()
+        self.entropy_weight = entropy_weight
+        self.gather_distributed = gather_distributed
+
+    def forward(self, p_v, p_t, q_v, q_t) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        distill = self.distill(p_v, q_t) + self.distill(p_t, q_v)
+        consistency = self.consistency(p_v, p_t)
+        if self.gather_distributed:
+            from rayclust.method.distributed import gather_rows
+            p_v, p_t = gather_rows(p_v), gather_rows(p_t)
+        entropy = marginal_entropy(p_t) + marginal_entropy(p_v)
+        loss = distill + consistency - self.entropy_weight * entropy
+        return loss, {"distill": distill, "consistency": consistency, "entropy": entropy}
+
+
+class TACObjective:
+    def __init__(self, cfg: TACConfig, n_clusters: int, gather_distributed: bool = False):
+        self.cfg = cfg
+        self.n_clusters = n_clusters
+        self.epochs = cfg.epochs
+        self.batch_size = cfg.batch_size
+        self.drop_last = True
+        self.gather_distributed = gather_distributed
+
+    def build(self, dim: int):
+        return (TACHeads(dim, self.n_clusters),
+                TACCriterion(self.cfg.distill_temperature, self.cfg.entropy_weight,
+                             self.gather_distributed))
+
+    def optimizer(self, params):
+        return torch.optim.Adam(params, lr=self.cfg.learning_rate, betas=(0.9, 0.99))
+
+    def epoch_views(self, inputs: Stage1Inputs, generator: torch.Generator) -> dict:
+        n, k = inputs.text_neighbours.shape
+        rows = torch.arange(n, device=inputs.image.device)
+        pick = lambda: torch.randint(k, (n,), generator=generator).to(rows.device)  # noqa: E731
+        return {"text_neighbour": inputs.text_neighbours[rows, pick()],
+                "image_neighbour": inputs.image_neighbours[rows, pick()]}
+
+    def loss(self, model, criterion, inputs, idx, views):
+        logits = model(inputs.image[idx], inputs.text[idx],
+                       inputs.text[views["text_neighbour"][idx]],
+                       inputs.image[views["image_neighbour"][idx]])
+        p_v, p_t, q_t, q_v = (torch.softmax(x, dim=1) for x in logits)
+        return criterion(p_v, p_t, q_v, q_t)
+
+
+def prepare_tac(u: torch.Tensor, nouns: torch.Tensor, n_clusters: int, cfg: TACConfig,
+                kmeans: KMeansConfig, seed: int = 0) -> tuple[Stage1Inputs, torch.Tensor]:
+    """Counterparts and both neighbour tables. Returns (inputs, selected noun indices)."""
+    text, selected = tac_counterparts(
+        u, nouns, n_clusters, cfg.semantic_centres, cfg.nouns_per_centre,
+        cfg.retrieval_temperature, seed=seed, kmeans_kwargs=vars(kmeans))
+    k = min(cfg.knn, u.shape[0] - 1)
+    return Stage1Inputs(u, text, knn(u, k), knn(text, k)), selected

@@ -1,0 +1,175 @@
+"""Stage-1 training loop shared by every method (ALGORITHM.md 3.7, 10).
+
+Features, counterparts and neighbour tables stay on the device as tensors; a batch is a slice of a
+device-side permutation and neighbours are drawn with tensor indexing (one `randint` per epoch for
+all anchors), never through a per-sample `__getitem__`. That is the gap PERFORMANCE.md measures
+between TAC's "one minute" and the compute floor.
+
+Data parallelism: with `world_size > 1` every rank draws the same global permutation (same seed)
+and iterates its own stride of it, so ranks see disjoint anchors and the same number of steps.
+The model may be wrapped in DDP by the caller; losses gather batch statistics themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Stage1Inputs:
+    """The global pieces of stage 1, computed once (and cached by the pipeline).
+
+    image (N, d) and text (N, d) unit rows; neighbour tables (N, k) int64 of global row indices
+    or None when the method needs none.
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+    image_neighbours: torch.Tensor | None = None
+    text_neighbours: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "Stage1Inputs":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Stage1Inputs(move(self.image), move(self.text), move(self.image_neighbours),
+                            move(self.text_neighbours))
+
+    @property
+    def n(self) -> int:
+        return self.image.shape[0]
+
+
+class Objective(Protocol):
+    """What a method contributes to the loop."""
+
+    epochs: int
+    batch_size: int
+    drop_last: bool
+
+    def build(self, dim: int) -> tuple[nn.Module, nn.Module]: ...           # (model, criterion)
+    def optimizer(self, params) -> torch.optim.Optimizer: ...
+    def epoch_views(self, inputs: Stage1Inputs, generator: torch.Generator) -> dict: ...
+    def loss(self, model: nn.Module, criterion: nn.Module, inputs: Stage1Inputs,
+             idx: torch.Tensor, views: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    parts: dict[str, float]
+    seconds: float
+    steps: int
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0  # epochs completed
+    history: list[EpochLog] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "criterion": self.criterion.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                "history": [vars(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = state["epoch"]
+        self.history = [EpochLog(**h) for h in state["history"]]
+
+
+def batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator,
+            device: torch.device, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """This rank's anchor batches of one epoch; every rank gets the same count."""
+    perm = torch.randperm(n, generator=generator).to(device)
+    per_rank = n // world_size  # equal shares so collective calls line up on every rank
+    mine = perm[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else perm
+    count = len(mine) // batch_size if drop_last and len(mine) >= batch_size \
+        else math.ceil(len(mine) / batch_size)
+    out = [mine[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+    if out and len(out[-1]) < 2:  # batch norm and contrastive terms need two samples
+        out.pop()
+    return out
+
+
+class Stage1Trainer:
+    """Runs an Objective over Stage1Inputs. Example::
+
+        trainer = Stage1Trainer(SEICObjective(SEICConfig(), n_clusters=10), device="cpu")
+        state = trainer.fit(inputs)
+        probs = predict_proba(state.model, inputs.image)
+    """
+
+    def __init__(self, objective: Objective, device: torch.device | str = "cpu", seed: int = 0,
+                 rank: int = 0, world_size: int = 1,
+                 on_epoch_end: Callable[[TrainState, EpochLog], None] | None = None,
+                 wrap_model: Callable[[nn.Module], nn.Module] | None = None):
+        self.objective = objective
+        self.device = torch.device(device)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.on_epoch_end = on_epoch_end
+        self.wrap_model = wrap_model
+
+    def init_state(self, dim: int) -> TrainState:
+        torch.manual_seed(self.seed)  # identical initial weights on every rank
+        model, criterion = self.objective.build(dim)
+        model, criterion = model.to(self.device), criterion.to(self.device)
+        if self.wrap_model is not None:
+            model = self.wrap_model(model)
+        return TrainState(model, criterion, self.objective.optimizer(
+            list(model.parameters()) + list(criterion.parameters())))
+
+    def fit(self, inputs: Stage1Inputs, state: TrainState | None = None) -> TrainState:
+        inputs = inputs.to(self.device)
+        state = state or self.init_state(inputs.image.shape[1])
+        obj = self.objective
+        while state.epoch < obj.epochs:
+            # One generator per epoch, seeded by (seed, epoch): a resumed run replays exactly.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + state.epoch)
+            views = obj.epoch_views(inputs, generator)
+            state.model.train()
+            state.criterion.train()
+            started = time.perf_counter()
+            total = torch.zeros((), device=self.device)
+            parts_sum: dict[str, torch.Tensor] = {}
+            plan = batches(inputs.n, obj.batch_size, obj.drop_last, generator, self.device,
+                           self.rank, self.world_size)
+            for idx in plan:
+                loss, parts = obj.loss(state.model, state.criterion, inputs, idx, views)
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                state.optimizer.step()
+                total += loss.detach()
+                for name, value in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0) + value.detach()
+            steps = max(len(plan), 1)
+            log = EpochLog(epoch=state.epoch, loss=float(total) / steps,
+                           parts={k: float(v) / steps for k, v in parts_sum.items()},
+                           seconds=time.perf_counter() - started, steps=len(plan))
+            state.epoch += 1
+            state.history.append(log)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(state, log)
+        return state
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+    """Cluster probabilities (N, K) from the image head, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [torch.softmax(model(x[i:i + batch_size].to(device)).float(), dim=1)
+           for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(out)

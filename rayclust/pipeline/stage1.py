@@ -1,0 +1,152 @@
+"""Stage 1: cluster heads on frozen embeddings (single process; Ray Train distributes it later).
+
+Global pieces (k-means, noun selection, text counterparts, neighbour tables) are computed once and
+cached in `<run>/stage1/global.pt`; training writes `<run>/stage1/checkpoint.pt` after every epoch
+and resumes from it, so re-running the same command continues where it stopped. Both files carry a
+fingerprint of the settings that produced them and are ignored when the settings change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rayclust import storage
+from rayclust.config import Config, ConfigError, to_dict
+from rayclust.encoders import resolve_device
+from rayclust.method import ClusterResult, make_method
+from rayclust.method.kmeans import KMeansResult
+from rayclust.method.trainer import EpochLog, Stage1Inputs, TrainState
+from rayclust.pipeline.progress import log
+from rayclust.pipeline.run_directory import RunDirectory
+from rayclust.pipeline.vocabulary import read_vocabulary
+from rayclust.tables import embedding_matrix
+
+
+@dataclass
+class Corpus:
+    """The embedded corpus in memory: ids, uris, optional labels, features (N, d)."""
+
+    ids: list[str]
+    uris: list[str | None]
+    labels: list[str] | None
+    features: np.ndarray
+
+    @classmethod
+    def read(cls, uri: str, options) -> "Corpus":
+        table = storage.read_parquet(uri, options)
+        if "embedding" not in table.column_names:
+            raise ConfigError(f"{uri} has no `embedding` column (columns: "
+                              f"{', '.join(table.column_names)})")
+        features = embedding_matrix(table["embedding"])
+        n = table.num_rows
+        ids = (table["id"].cast(pa.string()).to_pylist() if "id" in table.column_names
+               else [f"row-{i:09d}" for i in range(n)])
+        uris = table["uri"].to_pylist() if "uri" in table.column_names else [None] * n
+        labels = (table["label"].cast(pa.string()).to_pylist()
+                  if "label" in table.column_names else None)
+        if len(set(ids)) != n:
+            raise ConfigError(f"{uri}: the `id` column has duplicate values")
+        norms = np.linalg.norm(features, axis=1)
+        if n and (not np.isfinite(features).all() or (norms == 0).any()):
+            raise ConfigError(f"{uri}: some embeddings are zero, NaN or infinite")
+        return cls(ids, uris, labels, features)
+
+
+def _fingerprint(config: Config, corpus: Corpus, n_nouns: int, part: str) -> str:
+    settings = {"method": config.method, "clusters": config.clusters, "seed": config.seed,
+                "kmeans": to_dict(config.kmeans), "section": to_dict(getattr(config, config.method)),
+                "n": len(corpus.ids), "first": corpus.ids[:1], "last": corpus.ids[-1:],
+                "nouns": n_nouns, "part": part}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def method_device(config: Config) -> torch.device:
+    return resolve_device(config.device)
+
+
+def train_stage1(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_uri: str
+                 ) -> tuple[ClusterResult, dict]:
+    """Train (or resume) stage 1 and return the final clustering and a training summary."""
+    nouns, noun_matrix = read_vocabulary(vocabulary_uri, run.options)
+    if noun_matrix.shape[1] != corpus.features.shape[1]:
+        raise ConfigError(f"embeddings have dimension {corpus.features.shape[1]} but the "
+                          f"vocabulary has {noun_matrix.shape[1]}: both must come from the same "
+                          "CLIP model (set model.name/model.pretrained or vocabulary.embeddings)")
+    if len(corpus.ids) < config.clusters:
+        raise ConfigError(f"{len(corpus.ids)} embedded images cannot form {config.clusters} "
+                          "clusters; lower `clusters`")
+    device = method_device(config)
+    global_uri = storage.join(run.stage1, "global.pt")
+    checkpoint_uri = storage.join(run.stage1, "checkpoint.pt")
+    global_key = _fingerprint(config, corpus, len(nouns), "global")
+    train_key = _fingerprint(config, corpus, len(nouns), "train")
+
+    def save_checkpoint(state: TrainState, epoch_log: EpochLog) -> None:
+        run.save_torch({"fingerprint": train_key, "state": state.state_dict()}, checkpoint_uri)
+        log.info("stage 1 epoch %d/%d: loss %.4f (%s) %.2fs", epoch_log.epoch + 1,
+                 estimator.objective().epochs, epoch_log.loss,
+                 ", ".join(f"{k} {v:.3f}" for k, v in epoch_log.parts.items()),
+                 epoch_log.seconds)
+
+    estimator = make_method(config, on_epoch_end=save_checkpoint, device=device)
+    u = torch.nn.functional.normalize(torch.from_numpy(corpus.features).float(), dim=1)
+    e = torch.nn.functional.normalize(torch.from_numpy(noun_matrix).float(), dim=1)
+
+    inputs, kmeans_fit = None, None
+    if run.exists(global_uri):
+        cached = run.load_torch(global_uri)
+        if cached.get("fingerprint") == global_key:
+            inputs = Stage1Inputs(u, cached["text"], cached["image_neighbours"],
+                                  cached["text_neighbours"])
+            if cached.get("kmeans_centroids") is not None:
+                kmeans_fit = KMeansResult(cached["kmeans_centroids"], cached["kmeans_labels"],
+                                          cached["kmeans_inertia"])
+            estimator.nouns_used_ = cached["nouns_used"]
+            log.info("stage 1: global pieces from cache %s", global_uri)
+    if inputs is None:
+        inputs, nouns_used, kmeans_fit = estimator.prepare(u.to(device), e.to(device))
+        estimator.nouns_used_ = nouns_used
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        run.save_torch({"fingerprint": global_key, "text": cpu(inputs.text),
+                        "image_neighbours": cpu(inputs.image_neighbours),
+                        "text_neighbours": cpu(inputs.text_neighbours),
+                        "nouns_used": cpu(nouns_used),
+                        "kmeans_centroids": cpu(kmeans_fit.centroids) if kmeans_fit else None,
+                        "kmeans_labels": cpu(kmeans_fit.labels) if kmeans_fit else None,
+                        "kmeans_inertia": kmeans_fit.inertia if kmeans_fit else None},
+                       global_uri)
+        log.info("stage 1: %d nouns in the text space", len(nouns_used))
+
+    state = None
+    if run.exists(checkpoint_uri):
+        saved = run.load_torch(checkpoint_uri, map_location=device)
+        if saved.get("fingerprint") == train_key:
+            state = estimator.trainer().init_state(u.shape[1])
+            state.load_state_dict(saved["state"])
+            log.info("stage 1: resuming after epoch %d from %s", state.epoch, checkpoint_uri)
+        else:
+            log.info("stage 1: settings changed since %s; training from scratch", checkpoint_uri)
+
+    estimator.fit(u, e, nouns, state=state, inputs=inputs, kmeans_fit=kmeans_fit)
+    history = [vars(h) for h in estimator.state_.history]
+    run.write_json(storage.join(run.stage1, "history.json"), {"epochs": history})
+    run.save_torch({"model": estimator.state_.model.state_dict(), "method": config.method,
+                    "clusters": config.clusters, "dim": int(u.shape[1])},
+                   storage.join(run.stage1, "model.pt"))
+    summary = {"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
+               "train_seconds": float(sum(h["seconds"] for h in history)),
+               "nouns_in_text_space": int(len(estimator.nouns_used_)),
+               "device": str(device)}
+    if config.clusters and estimator.result_.source == "kmeans":
+        log.warning("stage 1: the language guard kept k-means (neighbour agreement %.3f vs heads "
+                    "%.3f): the vocabulary did not help on these features",
+                    estimator.result_.scores["kmeans"]["neighbour_agreement"],
+                    estimator.result_.scores["heads"]["neighbour_agreement"])
+    run.mark_complete(run.stage1, summary)
+    return estimator.result_, summary
