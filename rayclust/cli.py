@@ -129,8 +129,10 @@ def _print_summary(outputs: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+    # Our own progress at INFO; libraries (open_clip logs model construction at INFO) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("rayclust").setLevel(logging.INFO)
     from rayclust.encoders import EncoderLoadError
 
     try:

@@ -8,6 +8,8 @@ whose embeddings file exists is skipped, so a re-run finishes missing work and d
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 
@@ -59,11 +61,16 @@ def _embed_part(rows: pa.Table, encoder: ClipEncoder, config: Config, progress: 
     return pa.table(columns), errors_table(errors)
 
 
-def embed_images(config: Config, run: RunDirectory, encoder: ClipEncoder) -> list[str]:
-    """Embed every manifest row; returns the embeddings part URIs."""
+def embed_images(config: Config, run: RunDirectory, encoder_factory: Callable[[], ClipEncoder]
+                 ) -> list[str]:
+    """Embed every manifest row; returns the embeddings part URIs.
+
+    The input is listed (and validated) before `encoder_factory()` loads the model, so a wrong
+    path fails at once instead of after a weight download."""
     if run.is_complete(run.embeddings):
         return storage.parquet_files(run.embeddings, run.options)
     parts = build_manifest(config, run)
+    encoder = encoder_factory()
     total = sum(storage.read_parquet(p, run.options, ["id"]).num_rows for p in parts)
     out = []
     with Progress(total, "embedding images", config.progress, unit="img") as progress:

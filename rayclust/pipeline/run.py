@@ -55,7 +55,7 @@ def run(config: Config, run_dir: str) -> dict:
     """Images -> embeddings -> vocabulary -> stage 1 -> assignments (ARCHITECTURE.md)."""
     rd = open_run(config, run_dir)
     encoder = _encoder_factory(config)
-    embed_images(config, rd, encoder())
+    embed_images(config, rd, encoder)
     vocabulary_uri = embed_vocabulary(config, rd, encoder)
     corpus = Corpus.read(rd.embeddings, rd.options)
     if not corpus.ids:

@@ -59,8 +59,11 @@ class Corpus:
 
 
 def _fingerprint(config: Config, corpus: Corpus, n_nouns: int, part: str) -> str:
+    """What the cached pieces depend on. `epochs` is left out on purpose: raising it and running
+    again continues training from the last checkpoint."""
+    section = {k: v for k, v in to_dict(getattr(config, config.method)).items() if k != "epochs"}
     settings = {"method": config.method, "clusters": config.clusters, "seed": config.seed,
-                "kmeans": to_dict(config.kmeans), "section": to_dict(getattr(config, config.method)),
+                "kmeans": to_dict(config.kmeans), "section": section,
                 "n": len(corpus.ids), "first": corpus.ids[:1], "last": corpus.ids[-1:],
                 "nouns": n_nouns, "part": part}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -95,8 +98,8 @@ def train_stage1(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_u
                  epoch_log.seconds)
 
     estimator = make_method(config, on_epoch_end=save_checkpoint, device=device)
-    u = torch.nn.functional.normalize(torch.from_numpy(corpus.features).float(), dim=1)
-    e = torch.nn.functional.normalize(torch.from_numpy(noun_matrix).float(), dim=1)
+    u = torch.nn.functional.normalize(torch.tensor(corpus.features, dtype=torch.float32), dim=1)
+    e = torch.nn.functional.normalize(torch.tensor(noun_matrix, dtype=torch.float32), dim=1)
 
     inputs, kmeans_fit = None, None
     if run.exists(global_uri):
