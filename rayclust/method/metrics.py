@@ -56,6 +56,8 @@ def normalized_mutual_info(true: np.ndarray, pred: np.ndarray) -> float:
 
 
 def adjusted_rand_index(true: np.ndarray, pred: np.ndarray) -> float:
+    if len(true) <= 1:  # no pairs: identical partitions by convention (as scikit-learn)
+        return 1.0
     table = contingency(pred, true).astype(np.float64)
     comb = lambda x: x * (x - 1) / 2  # noqa: E731
     index = comb(table).sum()

@@ -30,6 +30,16 @@ def test_recovers_separated_blobs():
     assert (fit.centroids @ centres.T).max(dim=1).values.min() > 0.98
     sims = (x @ fit.centroids.T).max(dim=1).values
     assert fit.inertia == pytest.approx(float((1 - sims).sum()), rel=1e-4)
+    # rows are normalised inside: a rescaled input gives the same partition
+    assert torch.equal(spherical_kmeans(3.0 * x, 4, seed=0).labels, fit.labels)
+
+
+def test_restarts_keep_the_lowest_inertia():
+    x, _, _ = blobs(k=6, noise=0.5, seed=5)
+    for seed in range(3):
+        one = spherical_kmeans(x, 6, seed=seed, restarts=1, iterations=15)
+        three = spherical_kmeans(x, 6, seed=seed, restarts=3, iterations=15)
+        assert three.inertia <= one.inertia + 1e-5  # restart 1 of 3 replays the single run
 
 
 def test_subsample_path_still_assigns_every_point():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 
 class InstanceConsistencyLoss(nn.Module):
@@ -19,5 +20,7 @@ class InstanceConsistencyLoss(nn.Module):
     """
 
     def forward(self, p_image: torch.Tensor, p_text: torch.Tensor) -> torch.Tensor:
-        agreement = (p_image * p_text).sum(dim=1)
-        return -torch.log(agreement).clamp_min(-100.0).mean()
+        agreement = (p_image * p_text).sum(dim=1).clamp(0.0, 1.0)
+        # BCE against 1 (TAC's formula): its log is clamped at -100 *with a finite gradient*,
+        # where -log(x).clamp(...) would give 0 * inf = NaN when the agreement underflows to 0.
+        return F.binary_cross_entropy(agreement, torch.ones_like(agreement))
