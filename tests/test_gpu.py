@@ -42,3 +42,24 @@ def test_local_run_on_cuda(tmp_path):
     out = run(config, str(tmp_path / "run"))
     assert out["metrics_values"]["stage1"]["device"] == "cuda"
     assert out["metrics_values"]["images"] == 40
+
+
+@pytest.mark.parametrize("method", ["seic", "tac"])
+def test_cuda_graph_steps_match_eager_steps(method):
+    from rayclust.method.neighbours import knn
+    from rayclust.method.seic import SEICObjective
+    from rayclust.method.tac import TACObjective
+    from rayclust.method.trainer import Stage1Inputs, Stage1Trainer
+    f = make_vmf_features(n=2300, image_kappa=100, seed=4)  # 2300 % batch != 0: a partial batch
+    inputs = Stage1Inputs(torch.tensor(f.image), torch.tensor(f.text))
+    inputs.image_neighbours, inputs.text_neighbours = knn(inputs.image, 20), knn(inputs.text, 20)
+    objective = (SEICObjective(SEICConfig(epochs=6, batch_size=512), 10) if method == "seic"
+                 else TACObjective(TACConfig(epochs=6, batch_size=512, knn=20), 10))
+    objective.drop_last = False
+    graphed = Stage1Trainer(objective, "cuda", seed=0, cuda_graphs=True).fit(inputs)
+    eager = Stage1Trainer(objective, "cuda", seed=0, cuda_graphs=False).fit(inputs)
+    for a, b in zip(graphed.history, eager.history):
+        assert a.loss == pytest.approx(b.loss, rel=1e-3, abs=1e-3)
+    for (name, p), q in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
+        if p.is_floating_point():
+            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-3, msg=name)

@@ -21,7 +21,7 @@ from rayclust.method.heads import SEICHeads
 from rayclust.method.kmeans import KMeansResult, spherical_kmeans
 from rayclust.method.losses import (CentreConsistencyLoss, DynamicBalanceRegulariser,
                                     SymmetricInfoNCE, info_nce)
-from rayclust.method.trainer import Stage1Inputs
+from rayclust.method.trainer import Stage1Inputs, adam
 
 
 class SEICCriterion(nn.Module):
@@ -66,7 +66,7 @@ class SEICObjective:
                 SEICCriterion(self.cfg, self.n_clusters, self.gather_distributed))
 
     def optimizer(self, params):
-        return torch.optim.Adam(params, lr=self.cfg.learning_rate, weight_decay=0.0)
+        return adam(params, lr=self.cfg.learning_rate, weight_decay=0.0)
 
     def epoch_views(self, inputs: Stage1Inputs, generator: torch.Generator) -> dict:
         return {}

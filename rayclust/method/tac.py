@@ -15,7 +15,7 @@ from rayclust.method.counterparts import tac_counterparts
 from rayclust.method.heads import TACHeads
 from rayclust.method.losses import ClusterContrastiveLoss, InstanceConsistencyLoss, marginal_entropy
 from rayclust.method.neighbours import knn
-from rayclust.method.trainer import Stage1Inputs
+from rayclust.method.trainer import Stage1Inputs, adam
 
 
 class TACCriterion(nn.Module):
@@ -53,7 +53,7 @@ class TACObjective:
                              self.gather_distributed))
 
     def optimizer(self, params):
-        return torch.optim.Adam(params, lr=self.cfg.learning_rate, betas=(0.9, 0.99))
+        return adam(params, lr=self.cfg.learning_rate, betas=(0.9, 0.99))
 
     def epoch_views(self, inputs: Stage1Inputs, generator: torch.Generator) -> dict:
         n, k = inputs.text_neighbours.shape

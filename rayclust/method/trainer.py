@@ -88,6 +88,15 @@ class TrainState:
         self.history = [EpochLog(**h) for h in state["history"]]
 
 
+def adam(params, **kwargs) -> torch.optim.Optimizer:
+    """Adam, fused into one kernel per step when every parameter is on CUDA (the head steps are
+    launch-bound there)."""
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    # capturable: the step may be recorded in a CUDA graph (Stage1Trainer on CUDA)
+    return torch.optim.Adam(params, fused=fused or None, capturable=fused, **kwargs)
+
+
 def batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator,
             device: torch.device, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """This rank's anchor batches of one epoch; every rank gets the same count."""
@@ -113,14 +122,22 @@ class Stage1Trainer:
     def __init__(self, objective: Objective, device: torch.device | str = "cpu", seed: int = 0,
                  rank: int = 0, world_size: int = 1,
                  on_epoch_end: Callable[[TrainState, EpochLog], None] | None = None,
-                 wrap_model: Callable[[nn.Module], nn.Module] | None = None):
+                 wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+                 cuda_graphs: bool = True):
         self.objective = objective
+        # On CUDA a head step is ~200 tiny kernels and launch-bound: capture one full-size step
+        # (forward, backward, Adam) as a CUDA graph and replay it. Not with a DDP wrapper.
+        self.cuda_graphs = cuda_graphs and self.device_is_cuda(device) and wrap_model is None
         self.device = torch.device(device)
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.on_epoch_end = on_epoch_end
         self.wrap_model = wrap_model
+
+    @staticmethod
+    def device_is_cuda(device) -> bool:
+        return torch.device(device).type == "cuda"
 
     def init_state(self, dim: int) -> TrainState:
         torch.manual_seed(self.seed)  # identical initial weights on every rank
@@ -135,6 +152,7 @@ class Stage1Trainer:
         inputs = inputs.to(self.device)
         state = state or self.init_state(inputs.image.shape[1])
         obj = self.objective
+        step = _GraphedStep(obj, state, inputs, self.device) if self.cuda_graphs else None
         while state.epoch < obj.epochs:
             # One generator per epoch, seeded by (seed, epoch): a resumed run replays exactly.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + state.epoch)
@@ -142,27 +160,97 @@ class Stage1Trainer:
             state.model.train()
             state.criterion.train()
             started = time.perf_counter()
-            total = torch.zeros((), device=self.device)
-            parts_sum: dict[str, torch.Tensor] = {}
+            sums: dict[str, torch.Tensor] = {}
             plan = batches(inputs.n, obj.batch_size, obj.drop_last, generator, self.device,
                            self.rank, self.world_size)
             for idx in plan:
+                if step is not None and len(idx) == obj.batch_size:
+                    step.run(idx, views, sums)
+                    continue
                 loss, parts = obj.loss(state.model, state.criterion, inputs, idx, views)
                 state.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 state.optimizer.step()
-                total += loss.detach()
-                for name, value in parts.items():
-                    parts_sum[name] = parts_sum.get(name, 0) + value.detach()
+                _accumulate(sums, loss, parts)
+                # drop the autograd graph now: a graph kept alive into a CUDA-graph capture
+                # pins its AccumulateGrad nodes to this stream and breaks the capture
+                del loss, parts
             steps = max(len(plan), 1)
-            log = EpochLog(epoch=state.epoch, loss=float(total) / steps,
-                           parts={k: float(v) / steps for k, v in parts_sum.items()},
+            total = {k: float(v) / steps for k, v in sums.items()}
+            log = EpochLog(epoch=state.epoch, loss=total.pop("loss", 0.0), parts=total,
                            seconds=time.perf_counter() - started, steps=len(plan))
             state.epoch += 1
             state.history.append(log)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(state, log)
         return state
+
+
+def _accumulate(sums: dict[str, torch.Tensor], loss: torch.Tensor,
+                parts: dict[str, torch.Tensor]) -> None:
+    for name, value in (("loss", loss), *parts.items()):
+        value = value.detach()
+        if name in sums:
+            sums[name].add_(value)
+        else:
+            sums[name] = value.clone()
+
+
+class _GraphedStep:
+    """A full-size training step captured once as a CUDA graph and replayed.
+
+    The batch indices and the epoch's neighbour views are copied into static buffers before each
+    replay; the step's loss parts are returned through static outputs. The first steps run
+    eagerly on a side stream (required before capture); they are real training steps.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, objective: Objective, state: TrainState, inputs: Stage1Inputs,
+                 device: torch.device):
+        self.obj, self.state, self.inputs = objective, state, inputs
+        self.idx = torch.zeros(objective.batch_size, dtype=torch.long, device=device)
+        self.views: dict[str, torch.Tensor] = {}
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.warmed = 0
+        self.stream = torch.cuda.Stream(device)
+
+    def _eager(self) -> dict[str, torch.Tensor]:
+        loss, parts = self.obj.loss(self.state.model, self.state.criterion, self.inputs, self.idx,
+                                    self.views)
+        loss.backward()
+        self.state.optimizer.step()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+    def run(self, idx: torch.Tensor, views: dict, sums: dict[str, torch.Tensor]) -> None:
+        self.idx.copy_(idx)
+        for name, value in views.items():
+            if name not in self.views:
+                self.views[name] = value.clone()
+            elif self.views[name].data_ptr() != value.data_ptr():
+                self.views[name].copy_(value)
+        optimizer = self.state.optimizer
+        if self.graph is None and self.warmed < self.WARMUP:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                optimizer.zero_grad(set_to_none=True)
+                out = self._eager()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.warmed += 1
+        else:
+            if self.graph is None:
+                optimizer.zero_grad(set_to_none=True)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.outputs = self._eager()
+            self.graph.replay()  # capture records only; every step, the first too, replays
+            out = self.outputs
+        for name, value in out.items():
+            if name in sums:
+                sums[name].add_(value)
+            else:
+                sums[name] = value.clone()
 
 
 @torch.no_grad()

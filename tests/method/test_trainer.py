@@ -89,8 +89,9 @@ def _tac_inputs(u, s):
 
 def test_seic_training_reduces_loss_and_predicts():
     u, s, y = _toy()
-    state = Stage1Trainer(_seic_objective(12), seed=0).fit(Stage1Inputs(u, s))
-    assert state.epoch == 12 and len(state.history) == 12
+    # 40 epochs, not fewer: the toy is learnt with margin across torch versions
+    state = Stage1Trainer(_seic_objective(40), seed=0).fit(Stage1Inputs(u, s))
+    assert state.epoch == 40 and len(state.history) == 40
     losses = [h.loss for h in state.history]
     assert losses[-1] < losses[0] - 0.1
     assert state.history[0].steps == 4  # 60 anchors, batch 16, no drop_last -> 16,16,16,12

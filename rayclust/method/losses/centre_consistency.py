@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from rayclust.method.distributed import gather_rows
-from rayclust.method.losses.infonce import info_nce
 
 
 def confidence_weighted_centres(z: torch.Tensor, probs: torch.Tensor
@@ -22,7 +22,9 @@ def confidence_weighted_centres(z: torch.Tensor, probs: torch.Tensor
     conf, hard = probs.max(dim=1)
     weights = torch.zeros(z.shape[0], k, device=z.device, dtype=z.dtype)
     weights = weights.scatter(1, hard[:, None], conf[:, None])
-    present = torch.bincount(hard, minlength=k) > 0
+    # counts by scatter, not bincount: bincount syncs with the host on CUDA (no graph capture)
+    present = torch.zeros(k, device=z.device, dtype=conf.dtype).index_add_(
+        0, hard, torch.ones_like(conf)) > 0
     return weights.T @ z, present
 
 
@@ -45,6 +47,22 @@ class CentreConsistencyLoss(nn.Module):
         c_image, present_image = confidence_weighted_centres(z_image, p_image)
         c_text, present_text = confidence_weighted_centres(z_text, p_text)
         valid = present_image & present_text
-        if int(valid.sum()) < 2:
-            return z_image.sum() * 0.0  # keeps the graph (and DDP) happy
-        return info_nce(c_image[valid], c_text[valid], 1.0 / self.temperature)
+        return masked_info_nce(c_image, c_text, valid, 1.0 / self.temperature)
+
+
+def masked_info_nce(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, scale: float
+                    ) -> torch.Tensor:
+    """info_nce(x[valid], y[valid]) computed on all K rows with masks, so it needs no host sync
+    (no boolean indexing, no `.item()`) and keeps a fixed shape; 0 when fewer than 2 are valid."""
+    logits = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T * scale
+    pair = valid[:, None] & valid[None, :]
+    # invalid pairs get a large finite negative (not -inf, which would make NaN gradients)
+    logits = torch.where(pair, logits, torch.full_like(logits, -1e9))
+    eye = torch.eye(len(valid), dtype=torch.bool, device=x.device)
+    logits = torch.where(eye & ~pair, torch.zeros_like(logits), logits)  # finite invalid rows
+    rows = -torch.diagonal(torch.log_softmax(logits, dim=1))
+    cols = -torch.diagonal(torch.log_softmax(logits, dim=0))
+    weight = valid.to(logits.dtype)
+    count = weight.sum()
+    loss = 0.5 * ((rows * weight).sum() + (cols * weight).sum()) / count.clamp_min(1.0)
+    return loss * (count >= 2).to(logits.dtype)

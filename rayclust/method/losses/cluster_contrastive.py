@@ -38,5 +38,5 @@ class ClusterContrastiveLoss(nn.Module):
         sims = columns @ columns.T / self.temperature
         sims = sims.masked_fill(torch.eye(2 * k, dtype=torch.bool, device=a.device),
                                 float("-inf"))
-        targets = torch.cat([torch.arange(k, 2 * k), torch.arange(0, k)]).to(a.device)
+        targets = torch.arange(2 * k, device=a.device).roll(k)  # partner of column i is i +- K
         return F.cross_entropy(sims, targets)

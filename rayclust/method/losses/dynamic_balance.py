@@ -51,9 +51,11 @@ class DynamicBalanceRegulariser(nn.Module):
         loss = -(marginal_entropy(p_image, w) + marginal_entropy(p_text, w))
         if self.training:
             with torch.no_grad():
-                counts = torch.bincount(p_image.argmax(dim=1), minlength=self.n_clusters)
+                hard = p_image.argmax(dim=1)  # counted by scatter: bincount syncs on CUDA
+                counts = torch.zeros(self.n_clusters, device=hard.device).index_add_(
+                    0, hard, torch.ones_like(hard, dtype=torch.float32))
                 if not self.gather_distributed:  # gathered rows already hold every rank's batch
                     counts = all_reduce_sum(counts)
-                histogram = counts.float() / counts.sum()
+                histogram = counts / counts.sum()
                 self.history.mul_(self.momentum).add_((1 - self.momentum) * histogram)
         return loss
