@@ -94,7 +94,7 @@ def _load(path: str | None, overrides: list[str], no_progress: bool, base: dict 
     return cfg.load(path, overrides, base=base)
 
 
-def _print_summary(outputs: dict) -> None:
+def _print_summary(outputs: dict, options) -> None:
     metrics = outputs["metrics_values"]
     lines = [f"rayclust: {metrics['images']} images -> {metrics['clusters']} clusters "
              f"({metrics['method']}, assignments from {metrics['assignment_source']})"]
@@ -116,8 +116,7 @@ def _print_summary(outputs: dict) -> None:
     print("\n".join(lines))
     try:
         from rayclust import storage
-        table = storage.read_parquet(outputs["clusters"], None if "://" not in outputs["clusters"]
-                                     else None)
+        table = storage.read_parquet(outputs["clusters"], options)
         for row in table.to_pylist():
             extra = (f"  purity {row['purity']:.2f} ({row['majority_label']})"
                      if row.get("purity") is not None else "")
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                            base=demo_mod.DEMO_SETTINGS)
             outputs = demo_mod.demo(config, args.run_dir or os.path.join("runs", "demo"),
                                     args.images_dir)
-        _print_summary(outputs)
+        _print_summary(outputs, config.storage)
         return 0
     except (cfg.ConfigError, EncoderLoadError, StorageError, FileNotFoundError) as exc:
         print(f"rayclust: error: {exc}", file=sys.stderr)

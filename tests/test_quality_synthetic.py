@@ -67,3 +67,5 @@ def test_language_steps_aside_when_the_vocabulary_does_not_fit():
     assert heads_only < baseline - 0.05, (heads_only, baseline)  # language alone would hurt
     assert model.result_.source == "kmeans"
     assert final >= baseline - 1e-9, (final, baseline)
+    # new points are assigned like the kept k-means, not by the discarded heads
+    assert (model.predict(f.image) == model.labels_).mean() > 0.99

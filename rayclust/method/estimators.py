@@ -13,6 +13,8 @@ the result is therefore at least as good as k-means by that criterion.
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,7 +43,7 @@ class ClusterResult:
     kmeans_labels: np.ndarray | None = None  # the k-means baseline the guard compared against
 
 
-class _Estimator:
+class _Estimator(abc.ABC):
     method = ""
 
     def __init__(self, n_clusters: int = 10, kmeans: KMeansConfig | None = None,
@@ -57,12 +59,14 @@ class _Estimator:
         self.on_epoch_end = on_epoch_end
 
     # -- per-method hooks
+    @abc.abstractmethod
     def prepare(self, u: torch.Tensor, nouns: torch.Tensor
                 ) -> tuple[Stage1Inputs, torch.Tensor, KMeansResult | None]:
-        raise NotImplementedError  # abstract: SEIC and TAC below implement it
+        """The method's global pieces: (inputs, noun indices used, k-means fit or None)."""
 
+    @abc.abstractmethod
     def objective(self):
-        raise NotImplementedError  # abstract
+        """The method's training objective (see trainer.Objective)."""
 
     # -- the shared recipe
     def fit(self, image_features, noun_embeddings, nouns: list[str] | None = None,
@@ -133,17 +137,12 @@ class _Estimator:
         return predict_proba(self.state_.model, u).cpu().numpy()
 
     def predict(self, image_features) -> np.ndarray:
-        if getattr(self, "result_", None) is not None and self.result_.source == "kmeans":
-            u = F.normalize(torch.as_tensor(image_features).float(), dim=1)
-            centroids = torch.as_tensor(self._kmeans_centroids())
-            return (u @ centroids.T).argmax(1).numpy()
+        """Cluster of new features: the image head, or the nearest k-means centroid when the
+        guard kept k-means."""
+        if self.result_.source == "kmeans":
+            u = F.normalize(torch.as_tensor(image_features).float(), dim=1).to(self.device)
+            return (u @ self.kmeans_fit_.centroids.T).argmax(1).cpu().numpy()
         return self.predict_proba(image_features).argmax(axis=1)
-
-    def _kmeans_centroids(self) -> np.ndarray:
-        from rayclust.method.naming import cluster_centres
-        labels = torch.as_tensor(self.result_.labels)
-        centres, _ = cluster_centres(self.inputs_.image.cpu(), labels, self.n_clusters)
-        return centres.numpy()
 
     def score(self, true_labels) -> dict[str, float]:
         return label_metrics(true_labels, self.labels_)

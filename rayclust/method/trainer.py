@@ -171,7 +171,7 @@ class Stage1Trainer:
                 state.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 state.optimizer.step()
-                _accumulate(sums, loss, parts)
+                _accumulate(sums, {"loss": loss, **parts})
                 # drop the autograd graph now: a graph kept alive into a CUDA-graph capture
                 # pins its AccumulateGrad nodes to this stream and breaks the capture
                 del loss, parts
@@ -186,9 +186,9 @@ class Stage1Trainer:
         return state
 
 
-def _accumulate(sums: dict[str, torch.Tensor], loss: torch.Tensor,
-                parts: dict[str, torch.Tensor]) -> None:
-    for name, value in (("loss", loss), *parts.items()):
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Add a step's loss and parts into per-epoch device-side sums (no host sync per step)."""
+    for name, value in values.items():
         value = value.detach()
         if name in sums:
             sums[name].add_(value)
@@ -246,11 +246,7 @@ class _GraphedStep:
                     self.outputs = self._eager()
             self.graph.replay()  # capture records only; every step, the first too, replays
             out = self.outputs
-        for name, value in out.items():
-            if name in sums:
-                sums[name].add_(value)
-            else:
-                sums[name] = value.clone()
+        _accumulate(sums, out)
 
 
 @torch.no_grad()
