@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (see configs/).")
     _common(p, "runs/<config name>")
 
+    p = sub.add_parser("embed", help="Only embed images (manifest, embeddings, errors, "
+                                     "thumbnails).",
+                       description="List the input once into a sharded manifest and embed every "
+                                   "image on Ray Data (CPU decode tasks, encoder actor pool); "
+                                   "re-running finishes missing shards.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, metavar="PATH_OR_URI",
+                   help="Folder, s3:// prefix, or Parquet/CSV manifest with a `uri` column.")
+    p.add_argument("--config", metavar="CONFIG", help="Optional YAML config file.")
+    _common(p, "runs/<input name>")
+
     p = sub.add_parser("cluster-embeddings", help="Cluster precomputed CLIP embeddings.",
                        description="Cluster a Parquet of precomputed embeddings (an `embedding` "
                                    "column as fixed_size_list or list<float>, optional id, uri, "
@@ -148,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             config = _load(args.config, args.overrides, args.no_progress)
             outputs = run_mod.run(config, args.run_dir or os.path.join("runs", _stem(args.config)))
+        elif args.command == "embed":
+            config = _load(args.config, [f"input.path={args.input}", *args.overrides],
+                           args.no_progress)
+            out = run_mod.embed(config, args.run_dir or os.path.join("runs", _stem(args.input)))
+            print(f"rayclust: {out['images']} images embedded, {out['errors']} skipped "
+                  f"(see errors/); outputs in {out['run_dir']}")
+            return 0
         elif args.command == "cluster-embeddings":
             config = _load(args.config, args.overrides, args.no_progress)
             outputs = run_mod.cluster_embeddings(

@@ -45,6 +45,9 @@ class InputConfig:
                                                 "tiff", "gif"])
     max_images: int | None = _f(None, "Use at most this many images (the first in sorted URI "
                                       "order); `null` takes all.", minimum=1)
+    rows_per_shard: int = _f(50000, "Rows per manifest shard. A shard is the unit of work and of "
+                                    "resume: its embeddings, errors and thumbnails parts are "
+                                    "written together once it is complete.", minimum=1)
 
 
 @dataclass
@@ -59,6 +62,33 @@ class ModelConfig:
     text_batch_size: int = _f(512, "Prompts per text-encoder forward pass.", minimum=1)
     cache_dir: str | None = _f(None, "Where downloaded weights are cached (open_clip's default "
                                      "when null).")
+
+
+@dataclass
+class EmbedConfig:
+    actors: int | None = _f(None, "Encoder actors in the pool; null = one per GPU (or 1 on CPU).",
+                            minimum=1)
+    gpus_per_actor: float | None = _f(None, "GPUs per encoder actor (fractions share a GPU); null "
+                                            "= 1 when the cluster has GPUs, else 0 (CPU).",
+                                      minimum=0.0)
+    cpus_per_actor: float = _f(1.0, "CPUs reserved per encoder actor.", minimum=0.0)
+    decode_batch_size: int = _f(32, "Images per CPU decode task batch.", minimum=1)
+    decode_cpus: float = _f(1.0, "CPUs per decode task.", minimum=0.01)
+    decode_memory_mb: int = _f(1024, "Memory reserved per decode task (decoded images are ~10x "
+                                     "their JPEG size), so Ray does not over-schedule.",
+                               minimum=0)
+    thumbnail_size: int = _f(96, "Longest side of the JPEG thumbnail kept for the report; 0 "
+                                 "disables thumbnails.", minimum=0)
+    progress_seconds: float = _f(10.0, "Seconds between the driver's progress lines.",
+                                 minimum=0.1)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = _f(None, "Ray cluster to join (`auto`, `ray://...`); null joins "
+                                   "RAY_ADDRESS when set, else starts a local cluster.")
+    num_cpus: int | None = _f(None, "CPUs of a local cluster started by rayclust; null = all.",
+                              minimum=1)
 
 
 @dataclass
@@ -161,6 +191,8 @@ class Config:
     storage: StorageOptions = _f(None, "S3 access (credentials come from the standard AWS "
                                        "chain, never from this file).", factory=StorageOptions)
     model: ModelConfig = _f(None, "CLIP encoder.", factory=ModelConfig)
+    embed: EmbedConfig = _f(None, "The Ray Data embedding stage.", factory=EmbedConfig)
+    ray: RayConfig = _f(None, "Which Ray cluster runs the work.", factory=RayConfig)
     vocabulary: VocabularyConfig = _f(None, "Noun vocabulary.", factory=VocabularyConfig)
     kmeans: KMeansConfig = _f(None, "Spherical k-means.", factory=KMeansConfig)
     tac: TACConfig = _f(None, "TAC hyper-parameters.", factory=TACConfig)

@@ -537,3 +537,19 @@ def write_parquet(table: pa.Table, uri: str, options: StorageOptions | None = No
         return
     with _errors(uri, opts):
         pq.write_table(table, path, filesystem=fs)
+
+
+def remove_stale_temporaries(dir_uri: str, options: StorageOptions | None = None) -> int:
+    """Delete hidden `.<name>.*.tmp` files a killed writer left in a local directory; returns
+    how many. (S3 writes are single PUTs and leave nothing behind.) Readers ignore such files
+    anyway; this keeps a resumed run directory clean."""
+    if is_remote(dir_uri):
+        return 0
+    fs, path = filesystem(dir_uri, options)
+    if not os.path.isdir(path):
+        return 0
+    stale = [n for n in os.listdir(path) if n.startswith(".") and n.endswith(".tmp")]
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, name))
+    return len(stale)

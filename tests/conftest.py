@@ -87,3 +87,24 @@ def s3_server() -> Iterator[S3Server]:
 def s3_bucket(s3_server: S3Server) -> str:
     """A fresh, empty, uniquely named bucket on ``s3_server``; returns its name."""
     return s3_server.make_bucket(f"test-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the session (started after the S3 test credentials are in the
+    environment, so its workers inherit them)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+                 logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_pipeline_tests(request):
+    """Pipeline and CLI tests run stages on Ray: give them the shared cluster."""
+    path = str(request.node.fspath)
+    if any(part in path for part in ("/tests/pipeline/", "test_cli.py", "test_gpu.py")):
+        request.getfixturevalue("ray_cluster")

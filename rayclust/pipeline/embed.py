@@ -1,94 +1,237 @@
-"""Image embedding stage (single process; the Ray Data version replaces the loop, not the files).
+"""Image embedding stage on Ray Data (ARCHITECTURE.md "Embed", RAY.md 1.1-1.8).
 
-For each manifest part: read bytes through the storage module, decode (errors become rows of
-`errors/`), preprocess to uint8 at the model's input size, encode, and write
-`embeddings/part-i.parquet` (id, uri, embedding, [label]) after `errors/part-i.parquet`. A part
-whose embeddings file exists is skipped, so a re-run finishes missing work and duplicates nothing.
+    read_parquet(manifest shards) -> decode tasks (CPU): fetch bytes through the storage module,
+    decode, preprocess to uint8 at the model's input size, make a thumbnail; a readable error per
+    bad image -> encoder actors (ActorPoolStrategy; GPU with bf16 autocast, or CPU): normalise on
+    the device, encode, L2-normalise -> the driver, which writes each manifest shard's
+    `embeddings/`, `errors/` and `thumbnails/` parts once all of the shard's rows have arrived.
+
+A shard's three parts are written atomically and the embeddings part last, so it marks the shard
+done: a re-run (after a crash or a SIGKILL at any point) skips finished shards and redoes only the
+unfinished one. Every manifest row ends in exactly one of `embeddings` or `errors`. Rows stream
+through the driver in manifest order, so it holds at most about one shard of vectors at a time;
+nothing materialises the corpus.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import io
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from rayclust import storage
 from rayclust.config import Config
-from rayclust.encoders import ClipEncoder
+from rayclust.preprocess import ImagePreprocess, to_rgb
 from rayclust.images import ImageDecodeError, decode_image
 from rayclust.pipeline.manifest import build_manifest
-from rayclust.pipeline.progress import Progress, log
+from rayclust.pipeline.progress import log
 from rayclust.pipeline.run_directory import RunDirectory
 from rayclust.tables import embedding_array, errors_table
 
+THUMBNAILS_SCHEMA = pa.schema([("id", pa.string()), ("thumbnail", pa.binary())])
 
-def _embed_part(rows: pa.Table, encoder: ClipEncoder, config: Config, progress: Progress
-                ) -> tuple[pa.Table, pa.Table]:
-    ids, uris = rows["id"].to_pylist(), rows["uri"].to_pylist()
-    labels = rows["label"].to_pylist() if "label" in rows.column_names else None
-    kept: list[int] = []
-    vectors: list[np.ndarray] = []
-    errors: list[dict] = []
-    batch_rows: list[int] = []
-    batch_pixels: list[np.ndarray] = []
 
-    def flush():
-        if batch_pixels:
-            vectors.append(encoder.encode_uint8(np.stack(batch_pixels)).numpy())
-            kept.extend(batch_rows)
-            progress.update(len(batch_rows), errors=len(errors))
-            batch_rows.clear()
-            batch_pixels.clear()
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the driver needs to know about the model without holding it."""
 
+    preprocess: ImagePreprocess
+    cache_key: str
+    embed_dim: int
+
+
+def _load(config: Config, device: str):
+    from rayclust.encoders import load_encoder
+    m = config.model
+    return load_encoder(m.name, m.pretrained, device=device, cache_dir=m.cache_dir,
+                        seed=config.seed)
+
+
+_DESCRIBED: dict[tuple, EncoderInfo] = {}
+
+
+def describe_encoder(config: Config) -> EncoderInfo:
+    """Load the model once in a Ray task (weights download on a worker, not the driver)."""
+    import ray
+
+    m = config.model
+    key = (m.name, m.pretrained, m.cache_dir, config.seed)
+    if key not in _DESCRIBED:
+        @ray.remote(num_cpus=1)
+        def describe(config: Config) -> EncoderInfo:
+            encoder = _load(config, "cpu")
+            return EncoderInfo(encoder.preprocess, encoder.cache_key, encoder.embed_dim)
+
+        _DESCRIBED[key] = ray.get(describe.remote(config))
+    return _DESCRIBED[key]
+
+
+def actor_resources(config: Config) -> tuple[int, float]:
+    """(actors, GPUs per actor) for encoder pools, from the config and the cluster."""
+    from rayclust.pipeline.ray_runtime import cluster_gpus
+
+    e = config.embed
+    gpus = cluster_gpus()
+    per_actor = e.gpus_per_actor if e.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    actors = e.actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
+    return actors, per_actor
+
+
+def _thumbnail(image, size: int) -> bytes:
+    thumb = to_rgb(image)
+    thumb.thumbnail((size, size))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def decode_batch(batch: dict, *, options, preprocess: ImagePreprocess,
+                 thumbnail_size: int) -> dict:
+    """Ray Data UDF (CPU): fetch and decode one batch; never raises for a bad image."""
+    uris = batch["uri"]
+    h, w = preprocess.size
+    # read_parquet(include_paths=True) names the manifest shard of every row
+    shard = np.array([p.rsplit("/", 1)[-1] for p in batch.pop("path")], dtype=object)
+    pixels = np.zeros((len(uris), h, w, 3), dtype=np.uint8)
+    errors, thumbs = [], []
     for i, uri in enumerate(uris):
         try:
-            image = decode_image(storage.read_bytes(uri, config.storage))
-            batch_pixels.append(encoder.preprocess.to_uint8(image))
-            batch_rows.append(i)
-        except (ImageDecodeError, OSError) as exc:
-            errors.append({"uri": uri, "stage": "embed", "error": str(exc) or type(exc).__name__})
-            progress.update(1, errors=len(errors))
-        if len(batch_pixels) >= config.model.batch_size:
-            flush()
-    flush()
-    matrix = np.concatenate(vectors) if vectors else np.zeros((0, encoder.embed_dim), np.float32)
-    columns = {"id": pa.array([ids[i] for i in kept], pa.string()),
-               "uri": pa.array([uris[i] for i in kept], pa.string()),
-               "embedding": embedding_array(matrix, config.output.embedding_dtype)}
-    if labels is not None:
-        columns["label"] = pa.array([labels[i] for i in kept], pa.string())
-    return pa.table(columns), errors_table(errors)
+            image = decode_image(storage.read_bytes(str(uri), options))
+            pixels[i] = preprocess.to_uint8(image)
+            thumbs.append(_thumbnail(image, thumbnail_size) if thumbnail_size else b"")
+            errors.append("")
+        except (ImageDecodeError, OSError, ValueError) as exc:
+            errors.append(str(exc) or type(exc).__name__)
+            thumbs.append(b"")
+    out = dict(batch)
+    out["shard"] = shard
+    out["pixels"] = pixels
+    out["error"] = np.array(errors, dtype=object)
+    out["thumbnail"] = np.array(thumbs, dtype=object)
+    return out
 
 
-def embed_images(config: Config, run: RunDirectory, encoder_factory: Callable[[], ClipEncoder]
-                 ) -> list[str]:
-    """Embed every manifest row; returns the embeddings part URIs.
+class EncodeImages:
+    """Ray Data callable class: holds the open_clip model, encodes a batch of uint8 images."""
 
-    The input is listed (and validated) before `encoder_factory()` loads the model, so a wrong
-    path fails at once instead of after a weight download."""
+    def __init__(self, config: Config):
+        import ray
+        import torch
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.encoder = _load(config, device)
+        self.dtype = config.output.embedding_dtype
+
+    def __call__(self, batch: dict) -> pa.Table:
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        d = self.encoder.embed_dim
+        vectors = np.zeros((len(ok), d), dtype=np.float32)
+        if ok.any():
+            vectors[ok] = self.encoder.encode_uint8(batch["pixels"][ok]).numpy()
+        columns = {k: v for k, v in batch.items() if k not in ("pixels",)}
+        table = pa.table({k: pa.array(list(v) if v.dtype == object else v)
+                          for k, v in columns.items()})
+        return table.append_column("embedding", embedding_array(vectors, self.dtype))
+
+
+class _ShardWriter:
+    """Collects streamed rows per manifest shard and writes a shard once it is complete."""
+
+    def __init__(self, run: RunDirectory, sizes: dict[str, int], has_label: bool):
+        self.run, self.sizes, self.has_label = run, sizes, has_label
+        self.pending: dict[str, list[pa.Table]] = {}
+        self.counts: dict[str, int] = {}
+        self.written: list[str] = []
+        self.images = self.errors = 0
+
+    def add(self, table: pa.Table) -> None:
+        shards = table["shard"].to_pylist()
+        for shard in dict.fromkeys(shards):
+            rows = table.filter(pa.compute.equal(table["shard"], shard))
+            self.pending.setdefault(shard, []).append(rows)
+            self.counts[shard] = self.counts.get(shard, 0) + rows.num_rows
+            if self.counts[shard] == self.sizes[shard]:
+                self._write(shard, pa.concat_tables(self.pending.pop(shard)))
+
+    def _write(self, shard: str, rows: pa.Table) -> None:
+        failed = pa.compute.not_equal(rows["error"], "")
+        bad, good = rows.filter(failed), rows.filter(pa.compute.invert(failed))
+        run = self.run
+        errors = errors_table([{"uri": u, "stage": "embed", "error": e} for u, e in
+                               zip(bad["uri"].to_pylist(), bad["error"].to_pylist())])
+        run.write_table(errors, storage.join(run.errors, shard))
+        thumbs = good.select(["id", "thumbnail"]).cast(THUMBNAILS_SCHEMA)
+        run.write_table(thumbs, storage.join(run.path("thumbnails"), shard))
+        keep = ["id", "uri", "embedding"] + (["label"] if self.has_label else [])
+        run.write_table(good.select(keep), storage.join(run.embeddings, shard))  # marks it done
+        self.written.append(shard)
+        self.images += good.num_rows
+        self.errors += bad.num_rows
+
+
+def embed_images(config: Config, run: RunDirectory) -> list[str]:
+    """Embed every manifest row not embedded yet; returns the embeddings part URIs."""
+    from rayclust.pipeline.ray_runtime import configure_data, ensure_ray
+
     if run.is_complete(run.embeddings):
         return storage.parquet_files(run.embeddings, run.options)
     parts = build_manifest(config, run)
-    encoder = encoder_factory()
-    total = sum(storage.read_parquet(p, run.options, ["id"]).num_rows for p in parts)
-    out = []
-    with Progress(total, "embedding images", config.progress, unit="img") as progress:
-        for part in parts:
-            name = storage.basename(part)
-            target = storage.join(run.embeddings, name)
-            if run.exists(target):  # finished by an earlier run
-                rows = run.read_table(target, ["id"]).num_rows
-                errs = run.read_table(storage.join(run.errors, name)).num_rows
-                progress.update(rows + errs)
-                out.append(target)
-                continue
-            table, errors = _embed_part(run.read_table(part), encoder, config, progress)
-            run.write_table(errors, storage.join(run.errors, name))
-            out.append(run.write_table(table, target))  # written last: marks the part done
-    n_errors = sum(run.read_table(storage.join(run.errors, storage.basename(p))).num_rows
-                   for p in out)
-    run.mark_complete(run.embeddings, {"parts": len(out), "errors": n_errors})
+    names = [storage.basename(p) for p in parts]
+    todo = [p for p, n in zip(parts, names)
+            if not run.exists(storage.join(run.embeddings, n))]
+    for folder in (run.embeddings, run.errors, run.path("thumbnails")):
+        storage.remove_stale_temporaries(folder, run.options)  # from a killed earlier run
+    if todo:
+        ensure_ray(config)
+        configure_data(config)
+        _run_pipeline(config, run, todo)
+    n_errors = sum(run.read_table(storage.join(run.errors, n)).num_rows for n in names)
+    run.mark_complete(run.embeddings, {"parts": len(names), "errors": n_errors})
     if n_errors:
         log.warning("embedding: %d image(s) could not be used; see %s", n_errors, run.errors)
-    return out
+    return [storage.join(run.embeddings, n) for n in names]
+
+
+def _run_pipeline(config: Config, run: RunDirectory, todo: list[str]) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    info = describe_encoder(config)
+    sizes = {storage.basename(p): run.read_table(p, ["id"]).num_rows for p in todo}
+    has_label = "label" in run.read_table(todo[0]).column_names
+    e = config.embed
+    actors, gpus_per_actor = actor_resources(config)
+    fs, _ = storage.filesystem(todo[0], run.options)
+    # one read block per shard (small: ids and URIs), so shards flow through one after another
+    # and the driver can write each as soon as it is complete
+    ds = ray.data.read_parquet([storage.filesystem(p, run.options)[1] for p in todo],
+                               filesystem=fs, include_paths=True, override_num_blocks=len(todo))
+    ds = ds.map_batches(decode_batch, batch_size=e.decode_batch_size, batch_format="numpy",
+                        num_cpus=e.decode_cpus, memory=e.decode_memory_mb * 2**20 or None,
+                        fn_kwargs={"options": config.storage, "preprocess": info.preprocess,
+                                   "thumbnail_size": e.thumbnail_size})
+    ds = ds.map_batches(EncodeImages, batch_size=config.model.batch_size, batch_format="numpy",
+                        compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor,
+                        num_cpus=e.cpus_per_actor, fn_constructor_kwargs={"config": config})
+    writer = _ShardWriter(run, sizes, has_label)
+    total = sum(sizes.values())
+    started = last = time.perf_counter()
+    log.info("embedding: %d image(s) in %d shard(s) on %d encoder actor(s) (%.2g GPU each)",
+             total, len(todo), actors, gpus_per_actor)
+    done = 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        writer.add(batch)
+        done += batch.num_rows
+        now = time.perf_counter()
+        if now - last >= e.progress_seconds:
+            last = now
+            log.info("embedding: %d/%d images, %.1f img/s, %d shard(s) written, %d error(s)",
+                     done, total, done / (now - started), len(writer.written), writer.errors)
+    if writer.pending:
+        missing = {s: writer.sizes[s] - writer.counts[s] for s in writer.pending}
+        raise RuntimeError(f"embedding lost rows in shards {missing}")  # a bug, never input
+    elapsed = time.perf_counter() - started
+    log.info("embedding: %d images (%d errors) in %.1f s, %.1f img/s", done, writer.errors,
+             elapsed, done / max(elapsed, 1e-9))

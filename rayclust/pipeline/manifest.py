@@ -2,7 +2,7 @@
 
 Inputs: a local folder or s3:// prefix (searched recursively for image extensions), or a Parquet
 or CSV manifest with a `uri` column and an optional `label`. Rows are sorted by URI and sharded
-into parts of at most `output.rows_per_file`. A re-run reads the manifest and never lists again.
+into shards of at most `input.rows_per_shard`. A re-run reads the manifest and never lists again.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def build_manifest(config: Config, run: RunDirectory) -> list[str]:
     if table.num_rows == 0:
         raise ConfigError(f"no images found under {config.input.path} (extensions: "
                           f"{', '.join(config.input.extensions)})")
-    size = config.output.rows_per_file
+    size = config.input.rows_per_shard
     parts = []
     for i, start in enumerate(range(0, table.num_rows, size)):
         parts.append(run.write_table(table.slice(start, size),

@@ -6,12 +6,10 @@ already complete in the run directory) and returns a dict of the URIs it wrote p
 
 from __future__ import annotations
 
-import functools
 import os
 
 from rayclust import storage
 from rayclust.config import Config, ConfigError, to_yaml
-from rayclust.encoders import load_encoder
 from rayclust.pipeline.assign import write_outputs
 from rayclust.pipeline.embed import embed_images
 from rayclust.pipeline.progress import log
@@ -26,15 +24,6 @@ def open_run(config: Config, run_dir: str) -> RunDirectory:
         os.makedirs(run_dir, exist_ok=True)
     storage.write_text(run.config, to_yaml(config), config.storage)
     return run
-
-
-def _encoder_factory(config: Config):
-    @functools.cache
-    def factory():
-        m = config.model
-        return load_encoder(m.name, m.pretrained, device=m.device, cache_dir=m.cache_dir,
-                            seed=config.seed)
-    return factory
 
 
 def _count_errors(run: RunDirectory) -> int:
@@ -54,13 +43,21 @@ def _finish(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_uri: s
 def run(config: Config, run_dir: str) -> dict:
     """Images -> embeddings -> vocabulary -> stage 1 -> assignments (ARCHITECTURE.md)."""
     rd = open_run(config, run_dir)
-    encoder = _encoder_factory(config)
-    embed_images(config, rd, encoder)
-    vocabulary_uri = embed_vocabulary(config, rd, encoder)
+    embed_images(config, rd)
+    vocabulary_uri = embed_vocabulary(config, rd)
     corpus = Corpus.read(rd.embeddings, rd.options)
     if not corpus.ids:
         raise ConfigError(f"no image could be embedded; see the errors in {rd.errors}")
     return _finish(config, rd, corpus, vocabulary_uri)
+
+
+def embed(config: Config, run_dir: str) -> dict:
+    """The embedding stage alone: manifest, embeddings, errors, thumbnails."""
+    rd = open_run(config, run_dir)
+    parts = embed_images(config, rd)
+    images = sum(storage.read_parquet(p, rd.options, ["id"]).num_rows for p in parts)
+    return {"run_dir": rd.root, "embeddings": parts, "images": images,
+            "errors": _count_errors(rd)}
 
 
 def cluster_embeddings(config: Config, run_dir: str, embeddings: str,
@@ -81,5 +78,5 @@ def cluster_embeddings(config: Config, run_dir: str, embeddings: str,
     corpus = Corpus.read(embeddings, config.storage)
     log.info("cluster-embeddings: %d embeddings of dimension %d", len(corpus.ids),
              corpus.features.shape[1])
-    vocabulary_uri = embed_vocabulary(config, rd, _encoder_factory(config))
+    vocabulary_uri = embed_vocabulary(config, rd)
     return _finish(config, rd, corpus, vocabulary_uri)

@@ -146,7 +146,7 @@ def train_stage1(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_u
                "train_seconds": float(sum(h["seconds"] for h in history)),
                "nouns_in_text_space": int(len(estimator.nouns_used_)),
                "device": str(device)}
-    if config.clusters and estimator.result_.source == "kmeans":
+    if estimator.result_.source == "kmeans":
         log.warning("stage 1: the language guard kept k-means (neighbour agreement %.3f vs heads "
                     "%.3f): the vocabulary did not help on these features",
                     estimator.result_.scores["kmeans"]["neighbour_agreement"],

@@ -46,8 +46,53 @@ def _cache_uri(config: Config, cache_key: str, nouns: list[str]) -> str:
     return storage.join(root, cache_key, f"{digest.hexdigest()[:20]}.parquet")
 
 
-def embed_vocabulary(config: Config, run: RunDirectory, encoder_factory) -> str:
-    """Write the run's vocabulary table; `encoder_factory()` is called only when encoding."""
+class EncodeNouns:
+    """Ray Data callable class: the text tower of the same open_clip model, one prompt ensemble
+    per noun (the same actor pattern as the image encoder)."""
+
+    def __init__(self, config: Config):
+        import ray
+        import torch
+
+        from rayclust.pipeline.embed import _load
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.encoder = _load(config, device)
+        self.config = config
+
+    def __call__(self, batch: dict) -> dict:
+        matrix = self.encoder.encode_prompt_ensemble(
+            list(batch["noun"]), TAC_TEMPLATES, batch_size=self.config.model.text_batch_size,
+            normalize_templates=self.config.vocabulary.normalize_templates).numpy()
+        return {"index": batch["index"], "embedding": matrix}
+
+
+def encode_nouns(config: Config, nouns: list[str]) -> np.ndarray:
+    """(len(nouns), D) prompt-ensemble embeddings through a pool of encoder actors."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from rayclust.pipeline.embed import actor_resources
+
+    actors, gpus = actor_resources(config)
+    per_batch = max(1, config.model.text_batch_size // len(TAC_TEMPLATES))
+    ds = ray.data.from_arrow(pa.table({"index": np.arange(len(nouns)), "noun": nouns}))
+    ds = ds.map_batches(EncodeNouns, batch_size=per_batch, batch_format="numpy",
+                        compute=ActorPoolStrategy(size=actors), num_gpus=gpus,
+                        num_cpus=config.embed.cpus_per_actor,
+                        fn_constructor_kwargs={"config": config})
+    matrix = None
+    with Progress(len(nouns), "encoding nouns", False, unit="noun",
+                  every_seconds=config.embed.progress_seconds) as progress:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            if matrix is None:
+                matrix = np.zeros((len(nouns), batch["embedding"].shape[1]), np.float32)
+            matrix[batch["index"]] = batch["embedding"]
+            progress.update(len(batch["index"]))
+    return matrix
+
+
+def embed_vocabulary(config: Config, run: RunDirectory) -> str:
+    """Write the run's vocabulary table, encoding the nouns only when no cache has them."""
     target = storage.join(run.vocabulary, part_name(0))
     if run.is_complete(run.vocabulary):
         return target
@@ -59,23 +104,17 @@ def embed_vocabulary(config: Config, run: RunDirectory, encoder_factory) -> str:
     else:
         nouns = load_nouns(vc.source, vc.max_nouns,
                            read_text=lambda uri: storage.read_text(uri, config.storage))
-        encoder = encoder_factory()
-        cache = _cache_uri(config, encoder.cache_key, nouns)
+        from rayclust.pipeline.embed import describe_encoder
+        from rayclust.pipeline.ray_runtime import configure_data, ensure_ray
+
+        ensure_ray(config)
+        configure_data(config)
+        cache = _cache_uri(config, describe_encoder(config).cache_key, nouns)
         if storage.exists(cache, config.storage):
             log.info("vocabulary: %d nouns from cache %s", len(nouns), cache)
             nouns, matrix = read_vocabulary(cache, config.storage)
         else:
-            total = len(nouns) * len(TAC_TEMPLATES)
-            with Progress(total, "encoding nouns", config.progress, unit="prompt") as progress:
-                last = [0]
-
-                def report(done: int, _total: int) -> None:
-                    progress.update(done - last[0])
-                    last[0] = done
-
-                matrix = encoder.encode_prompt_ensemble(
-                    nouns, TAC_TEMPLATES, batch_size=config.model.text_batch_size,
-                    normalize_templates=vc.normalize_templates, progress=report).numpy()
+            matrix = encode_nouns(config, nouns)
             try:
                 storage.write_parquet(vocabulary_table(nouns, matrix), cache, config.storage)
             except OSError as exc:  # a read-only cache must not fail the run

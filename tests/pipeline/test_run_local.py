@@ -124,11 +124,20 @@ def test_partial_embedding_resumes_missing_parts_only(image_folder, tmp_path):
     assert len(set(emb["id"].to_pylist())) == emb.num_rows
 
 
-def test_stage1_resume_matches_an_uninterrupted_run(image_folder, tmp_path):
-    whole = run(tiny_config(tmp_path, image_folder, **{"seic.epochs": 4}), str(tmp_path / "a"))
+def _precomputed(run_dir, tmp_path):
+    """The finished run's embeddings and vocabulary, for stage-1 tests that need no images."""
+    return os.path.join(run_dir, "embeddings"), os.path.join(run_dir, "vocabulary")
+
+
+def test_stage1_resume_matches_an_uninterrupted_run(finished_run, tmp_path):
+    emb, vocab = _precomputed(finished_run[1], tmp_path)
+    whole = cluster_embeddings(tiny_config(tmp_path, **{"seic.epochs": 4}), str(tmp_path / "a"),
+                               emb, vocab)
     # the same run stopped after 2 epochs, then continued to 4
-    run(tiny_config(tmp_path, image_folder, **{"seic.epochs": 2}), str(tmp_path / "b"))
-    resumed = run(tiny_config(tmp_path, image_folder, **{"seic.epochs": 4}), str(tmp_path / "b"))
+    cluster_embeddings(tiny_config(tmp_path, **{"seic.epochs": 2}), str(tmp_path / "b"), emb,
+                       vocab)
+    resumed = cluster_embeddings(tiny_config(tmp_path, **{"seic.epochs": 4}),
+                                 str(tmp_path / "b"), emb, vocab)
     history = json.load(open(tmp_path / "b" / "stage1" / "history.json"))["epochs"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     a = storage.read_parquet(str(tmp_path / "a" / "assignments")).sort_by("id")
@@ -139,8 +148,10 @@ def test_stage1_resume_matches_an_uninterrupted_run(image_folder, tmp_path):
         resumed["metrics_values"]["stage1"]["final_loss"], abs=1e-5)
 
 
-def test_tac_method_runs(image_folder, tmp_path):
-    outputs = run(tiny_config(tmp_path, image_folder, method="tac"), str(tmp_path / "run"))
+def test_tac_method_runs(finished_run, tmp_path):
+    emb, vocab = _precomputed(finished_run[1], tmp_path)
+    outputs = cluster_embeddings(tiny_config(tmp_path, method="tac"), str(tmp_path / "run"),
+                                 emb, vocab)
     assert outputs["metrics_values"]["method"] == "tac"
     assert outputs["metrics_values"]["stage1"]["epochs"] == 2
 

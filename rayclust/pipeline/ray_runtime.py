@@ -1,0 +1,43 @@
+"""Joining or starting the Ray cluster, and the Ray Data settings rayclust relies on."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rayclust.config import Config
+
+
+def ensure_ray(config: Config) -> None:
+    """Join `ray.address` / RAY_ADDRESS, or start a local cluster; no-op when already connected.
+
+    A local cluster inherits this process's environment, so S3 credentials from the standard
+    chain reach the workers without ever being written anywhere.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING,
+              "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+
+
+def configure_data(config: Config) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = config.progress
+    # Rows reach the driver in manifest order, so shards complete one after another and the
+    # driver buffers at most about one shard.
+    ctx.execution_options.preserve_order = True
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
