@@ -57,7 +57,8 @@ class ModelConfig:
     pretrained: str = _f("laion2b_s34b_b79k", "open_clip pretrained tag "
                          "(`open_clip.list_pretrained_tags_by_model(name)`), a local checkpoint "
                          "path, or `none` for random weights (offline; exercises the pipeline).")
-    device: str = _f("auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")
+    device: str = _f("auto", "Encoder actors' device: `auto` (CUDA when Ray gave the actor a GPU), "
+                             "`cpu`, `cuda` or `cuda:N`.")
     batch_size: int = _f(64, "Images per encoder forward pass.", minimum=1)
     text_batch_size: int = _f(512, "Prompts per text-encoder forward pass.", minimum=1)
     cache_dir: str | None = _f(None, "Where downloaded weights are cached (open_clip's default "

@@ -14,6 +14,7 @@ def test_help_explains_every_option(capsys):
         "cluster-embeddings": ["--embeddings", "--vocabulary", "--run-dir", "--set",
                                "--no-progress", "--config"],
         "demo": ["--run-dir", "--set", "--no-progress", "--images-dir", "--config"],
+        "embed": ["--input", "--run-dir", "--set", "--no-progress", "--config"],
     }.items():
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])

@@ -120,7 +120,8 @@ class EncodeImages:
     def __init__(self, config: Config):
         import ray
         import torch
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        device = config.model.device if config.model.device != "auto" else (
+            "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         self.encoder = _load(config, device)
         self.dtype = config.output.embedding_dtype
 

@@ -55,7 +55,8 @@ class EncodeNouns:
         import torch
 
         from rayclust.pipeline.embed import _load
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        device = config.model.device if config.model.device != "auto" else (
+            "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         self.encoder = _load(config, device)
         self.config = config
 
