@@ -65,7 +65,15 @@ def describe_encoder(config: Config) -> EncoderInfo:
             encoder = _load(config, "cpu")
             return EncoderInfo(encoder.preprocess, encoder.cache_key, encoder.embed_dim)
 
-        _DESCRIBED[key] = ray.get(describe.remote(config))
+        try:
+            _DESCRIBED[key] = ray.get(describe.remote(config))
+        except ray.exceptions.RayTaskError as exc:
+            # a user mistake (unknown model, weights not downloadable) keeps its own clear
+            # message instead of arriving wrapped in a remote traceback
+            from rayclust.encoders import EncoderLoadError
+            if isinstance(exc.cause, EncoderLoadError):
+                raise exc.cause from None
+            raise
     return _DESCRIBED[key]
 
 
