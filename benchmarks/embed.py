@@ -10,22 +10,30 @@ same arithmetic as pretrained ones) and the same preprocessing (``decode_image``
 1. **plain loop**: one process, for each batch of ``--batch-size`` files: read the bytes
    (``storage.read_bytes``), ``decode_image``, ``preprocess.to_uint8``, ``encode_uint8``. The
    model is loaded before the clock starts (its load time is printed on its own line) and one
-   untimed two-image forward warms it up. The decode and encode parts of the loop are also timed
-   separately (ms/image).
+   untimed full-batch forward warms it up. The decode and encode parts of the loop are also timed
+   separately (ms/image). After it, the Ray stage's own decode UDF (``decode_batch``: decode,
+   to_uint8 and the 96 px thumbnail JPEG) is timed in this process, which is what one Ray decode
+   task does for a whole manifest shard.
 2. **Ray Data**: ``rayclust.pipeline.run.embed(config, fresh_run_dir)`` with the same model, in a
    local Ray cluster the script starts (``ray.init(num_cpus=os.cpu_count())``, timed on its own
-   line). It is run twice in the same Ray session, each time into a fresh run directory:
+   line). It is run three times in the same Ray session (``--ray-runs`` on the N images, then
+   once on N/4), each time into a fresh run directory:
 
    * *end to end*: from the call to its return: manifest listing, the model load in a describe
      task (first run only; cached afterwards), encoder actor start and model load, decode tasks
      (including the 96 px thumbnail JPEG of every image, which the plain loop does not make),
      encoding, Parquet writes of embeddings, errors and thumbnails, and the run's final
      completion markers;
-   * *steady state*: rows that reached the driver after its first encoded batch, divided by the
-     time from that first batch to the last one. It leaves out manifest listing, actor start and
-     model load, and the writes after the last batch. The arrival times come from wrapping
-     ``rayclust.pipeline.embed._ShardWriter.add`` in this process (the driver), nothing else is
-     changed.
+   * *marginal (steady state)*: a third run on the first N/4 images (``--marginal-n``), also in
+     the warm session; (N - N/4) / (T_N - T_N/4) with T_N the second run's time. The fixed costs
+     that both warm runs pay (manifest, actor start, model load, Ray task start-up) cancel, so
+     this is the rate at which the pipeline moves images once it is going.
+   * the line of each run also says how many blocks of rows reached the driver and when the
+     first arrived (from wrapping ``rayclust.pipeline.embed._ShardWriter.add`` in this process,
+     the driver; nothing else is changed). With a manifest that Ray reads as one block (any
+     corpus up to 50,000 images with the default shards) the rows arrive in a few bursts late in
+     the run, so a rate "after the first block" says nothing about the steady state; the JSON
+     keeps it (``steady_*``) for larger corpora.
 
    The second run's end-to-end figure includes less warm-up (Ray workers already started, the
    model description cached) but still starts a new actor pool and loads the model in it.
@@ -51,11 +59,11 @@ If either GPU flag is given only those measurements run, plus the plain loop wit
 
 Run::
 
-    uv run python benchmarks/embed.py --quick             # n=200, rayclust-tiny, ~1 min
+    uv run python benchmarks/embed.py --quick             # n=200, rayclust-tiny, ~1.5 min
     uv run python benchmarks/embed.py --n 300             # ViT-B-32 on CPU, both paths
     uv run python benchmarks/embed.py --skip-ray          # the plain loop only
-    python benchmarks/embed.py --device cuda --uint8-only --dataloader --workers 16 --plain \\
-        --json embed_gpu.json                             # one GPU, no Ray needed
+    python benchmarks/embed.py --device cuda --uint8-only --dataloader --workers 16 \\
+        --loader-batch 256 --passes 4 --plain --json embed_gpu.json   # one GPU, no Ray needed
 """
 
 from __future__ import annotations
@@ -169,8 +177,8 @@ def plain_loop(args, paths: list[str], encoder) -> tuple[dict, dict[str, np.ndar
     options = StorageOptions()
     pre = encoder.preprocess
     h, w = pre.size
-    warm = np.zeros((2, h, w, 3), np.uint8)
-    encoder.encode_uint8(warm)  # untimed: first-call allocations / kernel selection
+    warm = np.zeros((min(args.batch_size, len(paths)), h, w, 3), np.uint8)
+    encoder.encode_uint8(warm)  # untimed, full batch: first-call allocations, kernel selection
     _sync(encoder.device)
     vectors: dict[str, np.ndarray] = {}
     decode_s = encode_s = 0.0
@@ -245,9 +253,11 @@ def ray_pipeline(args, folder: str, n: int, work_dir: str) -> tuple[dict, dict[s
 
     embed_module._ShardWriter.add = timed_add
     runs, vectors = [], {}
+    sizes = [n] * args.ray_runs + ([args.marginal_n] if args.marginal_n else [])
     try:
-        for attempt in range(args.ray_runs):
+        for attempt, size in enumerate(sizes):
             run_dir = tempfile.mkdtemp(prefix=f"ray-run{attempt + 1}-", dir=work_dir)
+            config.input.max_images = size
             arrivals.clear()
             t0 = time.perf_counter()
             result = embed(config, run_dir)
@@ -272,8 +282,16 @@ def ray_pipeline(args, folder: str, n: int, work_dir: str) -> tuple[dict, dict[s
     finally:
         embed_module._ShardWriter.add = original_add
         ray.shutdown()
-    return {"ray_init_s": init_s, "worker_torch_threads": threads, "runs": runs,
-            "config": overrides}, vectors
+    out = {"ray_init_s": init_s, "worker_torch_threads": threads, "runs": runs,
+           "config": overrides}
+    if args.marginal_n and args.ray_runs >= 2:
+        full, small = runs[args.ray_runs - 1], runs[-1]
+        images = full["images"] - small["images"]
+        seconds = full["seconds"] - small["seconds"]
+        out["marginal"] = {"images": images, "seconds": seconds,
+                           "images_per_s": _rate(images, seconds),
+                           "from_runs": [args.ray_runs, len(runs)]}
+    return out, vectors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +352,19 @@ def uint8_only(args, encoder) -> dict:
                 return model_bf16.visual(xb)
 
         out["model_only_bf16_weights"] = timed(forward_bf16, "model.visual only, bf16 weights")
+        with torch.no_grad():
+            ref = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)  # fp32
+            amp = encoder.encode_uint8(on_device).to(dev)
+            low = torch.nn.functional.normalize(forward_bf16().float(), dim=-1)
+        cos_amp = (ref * amp).sum(-1)
+        cos_low = (ref * low).sum(-1)
+        print(f"  cosine to the fp32 embedding: autocast min {cos_amp.min().item():.5f} mean "
+              f"{cos_amp.mean().item():.5f}; bf16 weights min {cos_low.min().item():.5f} mean "
+              f"{cos_low.mean().item():.5f}", flush=True)
+        out["cosine_to_fp32"] = {"autocast_min": cos_amp.min().item(),
+                                 "autocast_mean": cos_amp.mean().item(),
+                                 "bf16_weights_min": cos_low.min().item(),
+                                 "bf16_weights_mean": cos_low.mean().item()}
         del model_bf16, xb
     del x, on_device
     if dev.type == "cuda":
@@ -375,23 +406,51 @@ def dataloader_loop(args, paths: list[str], encoder) -> dict:
           f"pass(es), batch {b}, {args.workers} workers, encode in the main process on {dev}); "
           "times include worker start:", flush=True)
     out = {"workers": args.workers, "batch": b, "passes": args.passes}
-    t0 = time.perf_counter()
-    n = 0
-    for batch in loader():
-        n += batch.shape[0]
-    seconds = time.perf_counter() - t0
-    _line("decode only (read+decode+to_uint8+collate)", n, seconds)
-    out["decode_only"] = {"images": n, "seconds": seconds, "images_per_s": _rate(n, seconds)}
-    t0 = time.perf_counter()
-    n = 0
-    for batch in loader():
-        encoder.encode_uint8(batch)  # returns float32 CPU: synchronises
-        n += batch.shape[0]
-    seconds = time.perf_counter() - t0
-    _line("end to end (decode in workers + encode)", n, seconds,
-          _bound(_rate(n, seconds), args.model))
-    out["end_to_end"] = {"images": n, "seconds": seconds, "images_per_s": _rate(n, seconds)}
+    def run(label: str, key: str, encode: bool) -> None:
+        t0 = time.perf_counter()
+        n, first = 0, None
+        for batch in loader():
+            if encode:
+                encoder.encode_uint8(batch)  # returns float32 CPU: synchronises
+            n += batch.shape[0]
+            if first is None:
+                first = (time.perf_counter(), n)
+        seconds = time.perf_counter() - t0
+        rate = _rate(n, seconds)
+        _line(label, n, seconds, _bound(rate, args.model) if encode else "")
+        later_n, later_s = n - first[1], t0 + seconds - first[0]
+        _line("  the same, after the first batch", later_n, later_s,
+              _bound(_rate(later_n, later_s), args.model) if encode else "")
+        out[key] = {"images": n, "seconds": seconds, "images_per_s": rate,
+                    "first_batch_after_s": first[0] - t0,
+                    "after_first_batch_images_per_s": _rate(later_n, later_s)}
+
+    run("decode only (read+decode+to_uint8+collate)", "decode_only", False)
+    run("end to end (decode in workers + encode)", "end_to_end", True)
     return out
+
+
+def decode_udf(args, paths: list[str], preprocess) -> dict:
+    """The Ray stage's decode UDF, ``decode_batch``, called in this process (no Ray involved).
+
+    With one manifest shard a single Ray task runs it over every row of the shard, so its rate
+    in one process bounds the pipeline's decode rate for a one-shard corpus.
+    """
+    from rayclust.pipeline.embed import decode_batch
+    from rayclust.storage import StorageOptions
+
+    options = StorageOptions()
+    t0 = time.perf_counter()
+    for s in range(0, len(paths), args.decode_batch_size):
+        chunk = paths[s:s + args.decode_batch_size]
+        batch = {"uri": np.array(chunk, dtype=object),
+                 "path": np.array(["part-00000.parquet"] * len(chunk), dtype=object)}
+        decode_batch(batch, options=options, preprocess=preprocess, thumbnail_size=96)
+    seconds = time.perf_counter() - t0
+    _line("Ray decode UDF (decode_batch + thumbnail)", len(paths), seconds,
+          f"{1e3 * seconds / len(paths):.2f} ms/img, one process")
+    return {"images": len(paths), "seconds": seconds,
+            "images_per_s": _rate(len(paths), seconds)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +478,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-thumbnails", action="store_true", help="embed.thumbnail_size=0")
     p.add_argument("--ray-runs", type=int, default=2,
                    help="Ray runs in one Ray session, each into a fresh run dir (default 2)")
+    p.add_argument("--marginal-n", type=int, default=None,
+                   help="images of the extra warm Ray run for the marginal rate (default n//4; "
+                        "0 skips it)")
     p.add_argument("--skip-ray", action="store_true", help="plain loop only (no Ray needed)")
     p.add_argument("--keep", action="store_true", help="keep the Ray run directories")
     p.add_argument("--uint8-only", action="store_true",
@@ -431,7 +493,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DataLoader workers (default: all CPUs)")
     p.add_argument("--passes", type=int, default=1, help="DataLoader passes over the files")
     p.add_argument("--loader-batch", type=int, default=None,
-                   help="DataLoader batch (default --gpu-batch on CUDA, else --batch-size)")
+                   help="DataLoader batch (default --batch-size); a worker builds a whole "
+                        "batch, so keep it small enough for all workers to be busy")
     p.add_argument("--gpu-batch", type=int, default=1024, help="batch of --uint8-only")
     p.add_argument("--iters", type=int, default=20, help="timed batches of --uint8-only")
     p.add_argument("--warmup", type=int, default=3, help="warm-up batches of --uint8-only")
@@ -443,6 +506,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if p.get_default(key) == getattr(args, key):
                 setattr(args, key, value)
+    if args.marginal_n is None:
+        args.marginal_n = args.n // 4 if args.ray_runs >= 2 else 0
     try:
         args.width, args.height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
@@ -455,7 +520,7 @@ def main(argv=None) -> int:
     gpu_modes = args.uint8_only or args.dataloader
     cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rayclust",
                                            "bench-embed", f"{args.width}x{args.height}-q{args.quality}")
-    report: dict = {"args": {k: v for k, v in vars(args).items()}}
+    report: dict = {}
 
     paths: list[str] = []
     if not args.uint8_only or args.dataloader or args.plain:
@@ -482,7 +547,7 @@ def main(argv=None) -> int:
     report["model"] = {"name": args.model, "pretrained": args.pretrained,
                        "device": str(encoder.device), "load_s": load_s}
     if args.loader_batch is None:
-        args.loader_batch = args.gpu_batch if encoder.device.type == "cuda" else args.batch_size
+        args.loader_batch = args.batch_size
 
     if gpu_modes:
         if args.uint8_only:
@@ -497,6 +562,7 @@ def main(argv=None) -> int:
               f"decode {plain['decode_ms_per_image']:.2f} ms/img, "
               f"encode {plain['encode_ms_per_image']:.2f} ms/img")
         report["plain"] = plain
+        report["decode_udf"] = decode_udf(args, paths, encoder.preprocess)
 
     if not gpu_modes and not args.skip_ray:
         del encoder
@@ -510,10 +576,19 @@ def main(argv=None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
         for i, run in enumerate(ray_report["runs"], 1):
             _line(f"run {i}: end to end", run["images"], run["seconds"],
-                  f"first batch after {run['first_batch_after_s']:.2f} s, "
-                  f"{run['after_last_batch_s']:.2f} s after the last")
-            _line(f"run {i}: steady state (after first batch)", run["steady_images"],
-                  run["steady_seconds"], f"{run['batches']} batches")
+                  f"{run['batches']} block(s) reached the driver, the first after "
+                  f"{run['first_batch_after_s']:.2f} s; {run['after_last_batch_s']:.2f} s after "
+                  "the last")
+        marginal = ray_report.get("marginal")
+        if marginal:
+            a, b = marginal["from_runs"]
+            if marginal["seconds"] > 0:
+                _line(f"marginal, runs {a} - {b} (steady state)", marginal["images"],
+                      marginal["seconds"])
+            else:
+                print(f"  marginal, runs {a} - {b}: not measurable, run {a} took "
+                      f"{-marginal['seconds']:.2f} s less than run {b} (the fixed costs vary "
+                      "more than the work costs; use a larger --n)", flush=True)
         report["ray"] = ray_report
         common = [p for p in paths if p in ray_vectors and p in plain_vectors]
         diff = max((float(np.abs(ray_vectors[p] - plain_vectors[p]).max()) for p in common),
@@ -521,14 +596,16 @@ def main(argv=None) -> int:
         print(f"\n  same embeddings: max |ray - plain| = {diff:.2e} over {len(common)} images",
               flush=True)
         ratios = {}
-        for i, run in enumerate(ray_report["runs"], 1):
+        for i, run in enumerate(ray_report["runs"][:args.ray_runs], 1):
             ratios[f"run{i}_end_to_end"] = run["images_per_s"] / plain["images_per_s"]
-            ratios[f"run{i}_steady"] = run["steady_images_per_s"] / plain["images_per_s"]
+        if marginal and marginal["seconds"] > 0:
+            ratios["marginal"] = marginal["images_per_s"] / plain["images_per_s"]
         print("  ratio Ray/plain (images/s): " + ", ".join(f"{k} {v:.2f}x"
                                                             for k, v in ratios.items()), flush=True)
         report["ratio_ray_over_plain"] = ratios
         report["max_abs_diff"] = diff
 
+    report["args"] = {k: v for k, v in vars(args).items()}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

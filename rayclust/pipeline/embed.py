@@ -213,10 +213,11 @@ def _run_pipeline(config: Config, run: RunDirectory, todo: list[str]) -> None:
     e = config.embed
     actors, gpus_per_actor = actor_resources(config)
     fs, _ = storage.filesystem(todo[0], run.options)
-    # one read block per shard (small: ids and URIs), so shards flow through one after another
-    # and the driver can write each as soon as it is complete
     ds = ray.data.read_parquet([storage.filesystem(p, run.options)[1] for p in todo],
                                filesystem=fs, include_paths=True, override_num_blocks=len(todo))
+    # Ray merges small manifest files into big read blocks and never splits a block between
+    # tasks: without this streaming split a whole shard would decode in one task on one core.
+    ds = ds.repartition(target_num_rows_per_block=e.decode_batch_size)
     ds = ds.map_batches(decode_batch, batch_size=e.decode_batch_size, batch_format="numpy",
                         num_cpus=e.decode_cpus, memory=e.decode_memory_mb * 2**20 or None,
                         fn_kwargs={"options": config.storage, "preprocess": info.preprocess,
