@@ -388,7 +388,6 @@ class JpegDataset:
 
 
 def dataloader_loop(args, paths: list[str], encoder) -> dict:
-    import torch
     from torch.utils.data import DataLoader
 
     dev = encoder.device

@@ -8,7 +8,6 @@ User mistakes (bad config, missing input, weights that cannot be downloaded) pri
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

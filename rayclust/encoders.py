@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -87,7 +86,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-from rayclust.preprocess import ImagePreprocess, to_rgb as _to_rgb  # noqa: E402,F401
+from rayclust.preprocess import ImagePreprocess  # noqa: E402  (torch-free; decode workers use it alone)
 
 
 # ----------------------------------------------------------------------------- encoder

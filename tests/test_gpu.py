@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rayclust.config import GuardConfig, SEICConfig, TACConfig
+from rayclust.config import SEICConfig, TACConfig
 from rayclust.method import SEIC, TAC
 from rayclust.method.metrics import cluster_accuracy
 from rayclust.synthetic import make_vmf_features

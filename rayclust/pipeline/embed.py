@@ -16,7 +16,6 @@ nothing materialises the corpus.
 from __future__ import annotations
 
 import io
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,7 @@ from rayclust.config import Config
 from rayclust.preprocess import ImagePreprocess, to_rgb
 from rayclust.images import ImageDecodeError, decode_image
 from rayclust.pipeline.manifest import build_manifest
-from rayclust.pipeline.progress import log
+from rayclust.pipeline.progress import Progress, log
 from rayclust.pipeline.run_directory import RunDirectory
 from rayclust.tables import embedding_array, errors_table
 
@@ -51,6 +50,16 @@ def _load(config: Config, device: str):
 
 
 _DESCRIBED: dict[tuple, EncoderInfo] = {}
+
+
+def load_on_actor(config: Config):
+    """The encoder inside a Ray actor: on the GPU Ray assigned it (or `model.device`)."""
+    import ray
+    import torch
+
+    device = config.model.device if config.model.device != "auto" else (
+        "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    return _load(config, device)
 
 
 def describe_encoder(config: Config) -> EncoderInfo:
@@ -126,11 +135,7 @@ class EncodeImages:
     """Ray Data callable class: holds the open_clip model, encodes a batch of uint8 images."""
 
     def __init__(self, config: Config):
-        import ray
-        import torch
-        device = config.model.device if config.model.device != "auto" else (
-            "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        self.encoder = _load(config, device)
+        self.encoder = load_on_actor(config)
         self.dtype = config.output.embedding_dtype
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -172,7 +177,7 @@ class _ShardWriter:
                                zip(bad["uri"].to_pylist(), bad["error"].to_pylist())])
         run.write_table(errors, storage.join(run.errors, shard))
         thumbs = good.select(["id", "thumbnail"]).cast(THUMBNAILS_SCHEMA)
-        run.write_table(thumbs, storage.join(run.path("thumbnails"), shard))
+        run.write_table(thumbs, storage.join(run.thumbnails, shard))
         keep = ["id", "uri", "embedding"] + (["label"] if self.has_label else [])
         run.write_table(good.select(keep), storage.join(run.embeddings, shard))  # marks it done
         self.written.append(shard)
@@ -190,7 +195,7 @@ def embed_images(config: Config, run: RunDirectory) -> list[str]:
     names = [storage.basename(p) for p in parts]
     todo = [p for p, n in zip(parts, names)
             if not run.exists(storage.join(run.embeddings, n))]
-    for folder in (run.embeddings, run.errors, run.path("thumbnails")):
+    for folder in (run.embeddings, run.errors, run.thumbnails):
         storage.remove_stale_temporaries(folder, run.options)  # from a killed earlier run
     if todo:
         ensure_ray(config)
@@ -227,21 +232,13 @@ def _run_pipeline(config: Config, run: RunDirectory, todo: list[str]) -> None:
                         num_cpus=e.cpus_per_actor, fn_constructor_kwargs={"config": config})
     writer = _ShardWriter(run, sizes, has_label)
     total = sum(sizes.values())
-    started = last = time.perf_counter()
     log.info("embedding: %d image(s) in %d shard(s) on %d encoder actor(s) (%.2g GPU each)",
              total, len(todo), actors, gpus_per_actor)
-    done = 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.add(batch)
-        done += batch.num_rows
-        now = time.perf_counter()
-        if now - last >= e.progress_seconds:
-            last = now
-            log.info("embedding: %d/%d images, %.1f img/s, %d shard(s) written, %d error(s)",
-                     done, total, done / (now - started), len(writer.written), writer.errors)
+    with Progress(total, "embedding", "img", e.progress_seconds) as progress:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(batch)
+            progress.update(batch.num_rows, shards_written=len(writer.written),
+                            errors=writer.errors)
     if writer.pending:
         missing = {s: writer.sizes[s] - writer.counts[s] for s in writer.pending}
         raise RuntimeError(f"embedding lost rows in shards {missing}")  # a bug, never input
-    elapsed = time.perf_counter() - started
-    log.info("embedding: %d images (%d errors) in %.1f s, %.1f img/s", done, writer.errors,
-             elapsed, done / max(elapsed, 1e-9))

@@ -45,6 +45,8 @@ class RunDirectory:
     @property
     def errors(self) -> str: return self.path("errors")
     @property
+    def thumbnails(self) -> str: return self.path("thumbnails")
+    @property
     def vocabulary(self) -> str: return self.path("vocabulary")
     @property
     def stage1(self) -> str: return self.path("stage1")

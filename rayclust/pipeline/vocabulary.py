@@ -51,13 +51,8 @@ class EncodeNouns:
     per noun (the same actor pattern as the image encoder)."""
 
     def __init__(self, config: Config):
-        import ray
-        import torch
-
-        from rayclust.pipeline.embed import _load
-        device = config.model.device if config.model.device != "auto" else (
-            "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        self.encoder = _load(config, device)
+        from rayclust.pipeline.embed import load_on_actor
+        self.encoder = load_on_actor(config)
         self.config = config
 
     def __call__(self, batch: dict) -> dict:
@@ -82,8 +77,8 @@ def encode_nouns(config: Config, nouns: list[str]) -> np.ndarray:
                         num_cpus=config.embed.cpus_per_actor,
                         fn_constructor_kwargs={"config": config})
     matrix = None
-    with Progress(len(nouns), "encoding nouns", False, unit="noun",
-                  every_seconds=config.embed.progress_seconds) as progress:
+    with Progress(len(nouns), "encoding nouns", "noun",
+                  config.embed.progress_seconds) as progress:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             if matrix is None:
                 matrix = np.zeros((len(nouns), batch["embedding"].shape[1]), np.float32)

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pytest
 from PIL import Image
 
 from rayclust import storage
@@ -40,7 +39,7 @@ def test_every_format_and_broken_file(odd_image_folder, tmp_path):
     vectors = np.stack(emb["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
     assert "label" not in emb.schema.names
-    thumbs = storage.read_parquet(run.path("thumbnails"))
+    thumbs = storage.read_parquet(run.thumbnails)
     assert thumbs.schema == pa.schema([("id", pa.string()), ("thumbnail", pa.binary())])
     assert sorted(thumbs["id"].to_pylist()) == sorted(emb["id"].to_pylist())
     for data in thumbs["thumbnail"].to_pylist():
