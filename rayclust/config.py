@@ -162,6 +162,50 @@ class SEICConfig:
 
 
 @dataclass
+class TrainConfig:
+    workers: int | None = _f(None, "Ray Train workers (data-parallel, DDP) for stage 1 and "
+                                   "stage 2. null = one per GPU of the cluster, or 0 on a "
+                                   "CPU-only cluster. 0 trains stage 1 inside the driver process "
+                                   "(no Ray Train); stage 2 then runs on 1 worker.", minimum=0)
+    use_gpu: bool | None = _f(None, "One GPU per worker; null = when the cluster has GPUs.")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per training worker.", minimum=0.0)
+    max_failures: int = _f(2, "Times a stage restarts its worker group from the last checkpoint "
+                              "after a worker dies, before the run fails.", minimum=0)
+    keep_checkpoints: int = _f(2, "Checkpoints kept per stage (the newest).", minimum=1)
+
+
+@dataclass
+class Stage2Config:
+    enabled: bool = _f(False, "Run SEIC stage 2: fine-tune the vision encoder and the image "
+                              "head on the stage-1 model's pseudo-labels (needs the images, "
+                              "not only embeddings).")
+    epochs: int = _f(40, "Fine-tuning epochs.", minimum=1)
+    batch_size: int = _f(128, "Images per step and worker (global batch = workers x this).",
+                         minimum=2)
+    learning_rate: float = _f(5e-5, "AdamW learning rate.", minimum=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", minimum=0.0)
+    adapter: str = _f("lora", "What trains in the vision tower: `lora` (low-rank updates of the "
+                              "attention Q and V projections), `last_blocks` (the last "
+                              "`unfreeze_blocks` blocks), `full`, or `none` (head only).",
+                      ("lora", "last_blocks", "full", "none"))
+    lora_rank: int = _f(128, "LoRA rank r.", minimum=1)
+    lora_alpha: float | None = _f(None, "LoRA alpha (update scale alpha/r); null = r.",
+                                  minimum=0.0)
+    unfreeze_blocks: int = _f(2, "Blocks trained by `adapter: last_blocks`.", minimum=1)
+    refresh_epochs: int = _f(1, "R: the pseudo-label table is recomputed over the whole corpus "
+                                "every R epochs; 0 = online labels from each batch's weak view.",
+                             minimum=0)
+    confidence_momentum: float = _f(0.999, "EMA momentum of the confidence mean and variance "
+                                           "in online mode (refresh_epochs: 0).", minimum=0.0)
+    crop_min_scale: float = _f(0.5, "Smallest area fraction of the strong view's random crop.",
+                               minimum=0.05)
+    shuffle_buffer: int = _f(1024, "Rows in each worker's local shuffle buffer; 0 = no shuffle.",
+                             minimum=0)
+    inference_batch_size: int = _f(256, "Images per forward pass at table refresh and "
+                                        "assignment.", minimum=1)
+
+
+@dataclass
 class GuardConfig:
     enabled: bool = _f(True, "Compare the trained heads with plain k-means on the image features "
                              "by a label-free score and keep k-means when language did not help.")
@@ -198,6 +242,10 @@ class Config:
     kmeans: KMeansConfig = _f(None, "Spherical k-means.", factory=KMeansConfig)
     tac: TACConfig = _f(None, "TAC hyper-parameters.", factory=TACConfig)
     seic: SEICConfig = _f(None, "SEIC stage-1 hyper-parameters.", factory=SEICConfig)
+    train: TrainConfig = _f(None, "Ray Train workers for stage 1 and stage 2.",
+                            factory=TrainConfig)
+    stage2: Stage2Config = _f(None, "SEIC stage 2, self-enhanced fine-tuning.",
+                              factory=Stage2Config)
     guard: GuardConfig = _f(None, "Language helps or steps aside.", factory=GuardConfig)
     output: OutputConfig = _f(None, "Output files.", factory=OutputConfig)
 
@@ -322,6 +370,8 @@ def _validate(config: Config) -> None:
     if config.seic.nouns_per_image > config.seic.candidate_nouns_per_centre * config.clusters:
         raise ConfigError("seic.nouns_per_image cannot exceed seic.candidate_nouns_per_centre x "
                           "clusters (the candidate pool).")
+    if config.stage2.crop_min_scale > 1:
+        raise ConfigError("stage2.crop_min_scale is an area fraction: at most 1.")
     if config.guard.neighbours >= config.guard.sample:
         raise ConfigError("guard.neighbours must be smaller than guard.sample.")
 

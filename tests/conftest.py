@@ -95,7 +95,10 @@ def ray_cluster(s3_server):
     environment, so its workers inherit them)."""
     import ray
 
+    from rayclust.pipeline.ray_runtime import _local_workers_use_this_interpreter
+
     if not ray.is_initialized():
+        _local_workers_use_this_interpreter()
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
                  logging_level="WARNING")
     yield ray

@@ -65,8 +65,9 @@ class _Estimator(abc.ABC):
         """The method's global pieces: (inputs, noun indices used, k-means fit or None)."""
 
     @abc.abstractmethod
-    def objective(self):
-        """The method's training objective (see trainer.Objective)."""
+    def objective(self, gather_distributed: bool = False):
+        """The method's training objective (see trainer.Objective); with gather_distributed the
+        batch-statistics terms see the global batch of all data-parallel workers."""
 
     # -- the shared recipe
     def fit(self, image_features, noun_embeddings, nouns: list[str] | None = None,
@@ -91,8 +92,8 @@ class _Estimator(abc.ABC):
         return self
 
     def trainer(self, **kwargs) -> Stage1Trainer:
-        return Stage1Trainer(self.objective(), self.device, self.seed,
-                             on_epoch_end=self.on_epoch_end, **kwargs)
+        kwargs.setdefault("on_epoch_end", self.on_epoch_end)
+        return Stage1Trainer(self.objective(), self.device, self.seed, **kwargs)
 
     def finish(self, u: torch.Tensor, e: torch.Tensor, nouns: list[str] | None,
                kmeans_fit: KMeansResult | None) -> ClusterResult:
@@ -160,8 +161,8 @@ class SEIC(_Estimator):
     def prepare(self, u, nouns):
         return prepare_seic(u, nouns, self.n_clusters, self.config, self.kmeans, self.seed)
 
-    def objective(self):
-        return SEICObjective(self.config, self.n_clusters)
+    def objective(self, gather_distributed: bool = False):
+        return SEICObjective(self.config, self.n_clusters, gather_distributed)
 
 
 class TAC(_Estimator):
@@ -178,8 +179,8 @@ class TAC(_Estimator):
                                        self.seed)
         return inputs, selected, None
 
-    def objective(self):
-        return TACObjective(self.config, self.n_clusters)
+    def objective(self, gather_distributed: bool = False):
+        return TACObjective(self.config, self.n_clusters, gather_distributed)
 
 
 def make_method(config, on_epoch_end=None, device: str | torch.device | None = None

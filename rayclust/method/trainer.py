@@ -75,13 +75,18 @@ class TrainState:
     epoch: int = 0  # epochs completed
     history: list[EpochLog] = field(default_factory=list)
 
+    @property
+    def module(self) -> nn.Module:
+        """The model without a DistributedDataParallel wrapper (what checkpoints hold)."""
+        return getattr(self.model, "module", self.model)
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "criterion": self.criterion.state_dict(),
+        return {"model": self.module.state_dict(), "criterion": self.criterion.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
                 "history": [vars(h) for h in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.criterion.load_state_dict(state["criterion"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = state["epoch"]

@@ -15,7 +15,6 @@ nothing materialises the corpus.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +22,8 @@ import pyarrow as pa
 
 from rayclust import storage
 from rayclust.config import Config
-from rayclust.preprocess import ImagePreprocess, to_rgb
-from rayclust.images import ImageDecodeError, decode_image
+from rayclust.pipeline.decode import decode_batch
+from rayclust.preprocess import ImagePreprocess
 from rayclust.pipeline.manifest import build_manifest
 from rayclust.pipeline.progress import Progress, log
 from rayclust.pipeline.run_directory import RunDirectory
@@ -95,40 +94,6 @@ def actor_resources(config: Config) -> tuple[int, float]:
     per_actor = e.gpus_per_actor if e.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     actors = e.actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
     return actors, per_actor
-
-
-def _thumbnail(image, size: int) -> bytes:
-    thumb = to_rgb(image)
-    thumb.thumbnail((size, size))
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
-def decode_batch(batch: dict, *, options, preprocess: ImagePreprocess,
-                 thumbnail_size: int) -> dict:
-    """Ray Data UDF (CPU): fetch and decode one batch; never raises for a bad image."""
-    uris = batch["uri"]
-    h, w = preprocess.size
-    # read_parquet(include_paths=True) names the manifest shard of every row
-    shard = np.array([p.rsplit("/", 1)[-1] for p in batch.pop("path")], dtype=object)
-    pixels = np.zeros((len(uris), h, w, 3), dtype=np.uint8)
-    errors, thumbs = [], []
-    for i, uri in enumerate(uris):
-        try:
-            image = decode_image(storage.read_bytes(str(uri), options))
-            pixels[i] = preprocess.to_uint8(image)
-            thumbs.append(_thumbnail(image, thumbnail_size) if thumbnail_size else b"")
-            errors.append("")
-        except (ImageDecodeError, OSError, ValueError) as exc:
-            errors.append(str(exc) or type(exc).__name__)
-            thumbs.append(b"")
-    out = dict(batch)
-    out["shard"] = shard
-    out["pixels"] = pixels
-    out["error"] = np.array(errors, dtype=object)
-    out["thumbnail"] = np.array(thumbs, dtype=object)
-    return out
 
 
 class EncodeImages:

@@ -24,7 +24,21 @@ def ensure_ray(config: Config) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        _local_workers_use_this_interpreter()
         ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+
+
+def _local_workers_use_this_interpreter() -> None:
+    """Under `uv run`, Ray by default ships the current directory as a `working_dir` package
+    (the whole project, .venv included: gigabytes, hashed at every start) and starts every
+    worker through `uv run`. A local cluster's workers already share this interpreter and its
+    installed rayclust, so rayclust turns that off unless RAY_ENABLE_UV_RUN_RUNTIME_ENV is set."""
+    if "RAY_ENABLE_UV_RUN_RUNTIME_ENV" in os.environ:
+        return
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    from ray._private import ray_constants  # read when ray.init builds the runtime env
+
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
 
 
 def configure_data(config: Config) -> None:

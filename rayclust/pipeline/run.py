@@ -33,10 +33,25 @@ def _count_errors(run: RunDirectory) -> int:
     return sum(storage.read_parquet(f, run.options, ["uri"]).num_rows for f in files)
 
 
-def _finish(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_uri: str) -> dict:
-    result, summary = train_stage1(config, run, corpus, vocabulary_uri)
-    outputs = write_outputs(config, run, corpus, result, summary,
-                            {"errors": _count_errors(run), "run_dir": run.root})
+def _finish(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_uri: str,
+            embeddings_uri: str) -> dict:
+    result, summary = train_stage1(config, run, corpus, vocabulary_uri, embeddings_uri)
+    extra = {"errors": _count_errors(run), "run_dir": run.root}
+    if config.stage2.enabled:
+        from rayclust.pipeline.stage2 import run_stage2
+
+        stage2 = run_stage2(config, run, corpus, result, vocabulary_uri)
+        if stage2 is None:
+            extra["stage2"] = {"skipped": "the language guard kept k-means"}
+        else:
+            extra["stage1_assignment"] = {"source": result.source, "label_free":
+                                          result.scores.get(result.source, {})}
+            if corpus.labels is not None:
+                from rayclust.method.metrics import label_metrics
+                extra["stage1_assignment"]["labels"] = label_metrics(corpus.labels,
+                                                                     result.labels)
+            result, extra["stage2"] = stage2
+    outputs = write_outputs(config, run, corpus, result, summary, extra)
     return {"run_dir": run.root, "config": run.config, "vocabulary": vocabulary_uri, **outputs}
 
 
@@ -48,7 +63,7 @@ def run(config: Config, run_dir: str) -> dict:
     corpus = Corpus.read(rd.embeddings, rd.options)
     if not corpus.ids:
         raise ConfigError(f"no image could be embedded; see the errors in {rd.errors}")
-    return _finish(config, rd, corpus, vocabulary_uri)
+    return _finish(config, rd, corpus, vocabulary_uri, rd.embeddings)
 
 
 def embed(config: Config, run_dir: str) -> dict:
@@ -79,4 +94,4 @@ def cluster_embeddings(config: Config, run_dir: str, embeddings: str,
     log.info("cluster-embeddings: %d embeddings of dimension %d", len(corpus.ids),
              corpus.features.shape[1])
     vocabulary_uri = embed_vocabulary(config, rd)
-    return _finish(config, rd, corpus, vocabulary_uri)
+    return _finish(config, rd, corpus, vocabulary_uri, embeddings)

@@ -51,6 +51,10 @@ class RunDirectory:
     @property
     def stage1(self) -> str: return self.path("stage1")
     @property
+    def stage2(self) -> str: return self.path("stage2")
+    @property
+    def pseudo_labels(self) -> str: return self.path("pseudo_labels")
+    @property
     def assignments(self) -> str: return self.path("assignments")
     @property
     def clusters(self) -> str: return self.path("clusters.parquet")

@@ -1,0 +1,117 @@
+"""Ray Train plumbing shared by stage 1 and stage 2 (RAY.md 2.1-2.2).
+
+Each stage runs one `TorchTrainer` whose `RunConfig` lives in the run directory:
+`storage_path=<run>/<stage>` and `name=train-<fingerprint of the settings>`. Running the same
+command again therefore finds Ray Train's checkpoint-manager snapshot and resumes from the newest
+checkpoint; changed settings get a fresh name and train from scratch. A dead worker restarts the
+worker group from the newest checkpoint (`FailureConfig.max_failures`).
+
+Checkpoints hold one `state.pt` written by rank 0; every rank calls `report` (it is a barrier).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any, Callable
+
+from rayclust import storage
+from rayclust.config import Config, ConfigError
+from rayclust.pipeline.run_directory import RunDirectory
+
+STATE_FILE = "state.pt"
+
+
+def worker_count(config: Config, minimum: int = 0) -> int:
+    """Workers for a stage: `train.workers`, else one per GPU, else 0 (in the driver)."""
+    from rayclust.pipeline.ray_runtime import cluster_gpus
+
+    if config.train.workers is not None:
+        return max(config.train.workers, minimum)
+    return max(int(cluster_gpus()), minimum)
+
+
+def uses_gpu(config: Config) -> bool:
+    from rayclust.pipeline.ray_runtime import cluster_gpus
+
+    if config.train.use_gpu is not None:
+        if config.train.use_gpu and not cluster_gpus():
+            raise ConfigError("train.use_gpu is true but the Ray cluster has no GPU")
+        return config.train.use_gpu
+    return cluster_gpus() > 0
+
+
+def fit(loop: Callable[[dict], Any], loop_config: dict, config: Config, run: RunDirectory,
+        stage_dir: str, name: str, workers: int, datasets: dict | None = None):
+    """Run `loop` on `workers` Ray Train workers with checkpoints under `stage_dir/name`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = uses_gpu(config)
+    scaling = ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                            resources_per_worker={"CPU": config.train.cpus_per_worker,
+                                                  **({"GPU": 1} if use_gpu else {})})
+    fs, path = storage.filesystem(stage_dir, run.options)
+    if not storage.is_remote(stage_dir):
+        os.makedirs(path, exist_ok=True)
+    run_config = RunConfig(
+        name=name, storage_path=path,
+        storage_filesystem=fs if storage.is_remote(stage_dir) else None,
+        failure_config=FailureConfig(max_failures=config.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints))
+    trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config, datasets=datasets)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+# -- inside a worker -------------------------------------------------------------------------
+
+def rank_and_size() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def device():
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def restored_state(map_location="cpu") -> dict | None:
+    """The payload of the newest checkpoint of this stage, or None on a fresh start."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, STATE_FILE), "rb") as f:
+            return torch.load(io.BytesIO(f.read()), map_location=map_location,
+                              weights_only=False)
+
+
+def report(metrics: dict, state: dict | None, checkpoint_name: str | None) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint when `state` is given."""
+    import ray.train
+    import torch
+
+    rank, _ = rank_and_size()
+    if state is None or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(state, os.path.join(folder, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=checkpoint_name)
+
+
+def unwrap(model):
+    """The module inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)

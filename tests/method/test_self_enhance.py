@@ -1,0 +1,114 @@
+"""Stage 2: the self-enhanced model and its training step (ALGORITHM.md 4.4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayclust.encoders import load_encoder
+from rayclust.method.adapters import apply_adapter
+from rayclust.method.augment import StrongAugment, weak_view
+from rayclust.method.heads import SEICHeads, TACHeads
+from rayclust.method.pseudo_labels import ConfidenceEMA, weighted_cross_entropy
+from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, freeze_text_branch,
+                                          make_optimizer, predict_uint8, trainable_parameters)
+
+K = 3
+
+
+@pytest.fixture
+def setup():
+    """A fresh tiny random-weight CLIP (64x64 input), LoRA on its tower, and SEIC heads."""
+    enc = load_encoder("rayclust-tiny", None, "cpu")
+    torch.manual_seed(0)
+    heads = freeze_text_branch(SEICHeads(enc.embed_dim, K))
+    apply_adapter(enc.model.visual, "lora", rank=4)
+    model = SelfEnhancedModel(enc.model.visual, heads, enc.preprocess.mean, enc.preprocess.std)
+    images = torch.randint(0, 256, (12, 64, 64, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return enc, model, images
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_matches_the_stage1_pipeline_at_init(setup):
+    enc, model, images = setup
+    expected = model.heads(enc.encode_uint8(images))
+    with torch.no_grad():
+        logits = model.eval()(weak_view(images, model.mean, model.std))
+    assert torch.allclose(logits, expected, atol=1e-5)
+    labels, confidence = predict_uint8(model, images)
+    probs = expected.softmax(-1)
+    assert torch.equal(labels, probs.argmax(-1)) and torch.allclose(confidence, probs.amax(-1), atol=1e-6)
+
+
+def test_only_adapter_and_image_branch_are_trainable(setup):
+    _, model, _ = setup
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all("lora" in n or n.startswith("heads.image.") for n in names)
+    assert {n for n in names if n.startswith("heads.")} == {
+        "heads.image.projection.weight", "heads.image.projection.bias",
+        "heads.image.cluster.weight", "heads.image.cluster.bias"}
+    assert len(trainable_parameters(model)) == len(names)
+    tac = freeze_text_branch(TACHeads(8, K))
+    assert all(p.requires_grad == n.startswith("image.") for n, p in tac.named_parameters())
+
+
+def test_training_reduces_weighted_ce_and_touches_only_trainables(setup):
+    _, model, images = setup
+    labels = torch.arange(len(images)) % K  # fixed pseudo-labels, learnable from brightness
+    images = images // torch.tensor([1, 3, 9], dtype=torch.uint8)[labels].view(-1, 1, 1, 1)
+    weights = torch.linspace(0.2, 1.0, len(images))
+    before = snapshot(model)
+
+    def weak_loss():
+        with torch.no_grad():
+            return float(weighted_cross_entropy(model.eval()(weak_view(images, model.mean, model.std)),
+                                                labels, weights))
+
+    start = weak_loss()
+    step = SelfEnhanceStep(model, make_optimizer(trainable_parameters(model), lr=1e-2), model.mean,
+                           model.std, "cpu")
+    g = torch.Generator().manual_seed(0)
+    parts = [step(images, labels, weights, g) for _ in range(20)]
+    assert set(parts[0]) >= {"loss", "mean_weight", "agreement"}
+    assert all(torch.isfinite(p["loss"]) and not p["loss"].requires_grad for p in parts)
+    assert weak_loss() < 0.75 * start
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == p.requires_grad, name
+    assert any(("lora_b" in n) and not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_zero_weights_give_zero_loss_and_gradients(setup):
+    _, model, images = setup
+    params = trainable_parameters(model)
+    before = snapshot(model)
+    step = SelfEnhanceStep(model, make_optimizer(params), model.mean, model.std, "cpu")
+    out = step(images[:4], torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.Generator().manual_seed(0))
+    assert float(out["loss"]) == 0.0
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in params)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())  # AdamW, wd 0
+
+
+def test_online_pseudo_labels(setup):
+    _, model, images = setup
+    step = SelfEnhanceStep(model, make_optimizer(trainable_parameters(model)), model.mean, model.std, "cpu",
+                           augment=StrongAugment(model.mean, model.std))
+    ema = ConfidenceEMA(K, momentum=0.5)
+    model.train()
+    labels, weights = step.online(images, ema)
+    assert model.training  # train flag restored
+    expected_labels, confidence = predict_uint8(model, images)
+    assert torch.equal(labels, expected_labels)
+    assert float(ema.mean) == pytest.approx(0.5 / K + 0.5 * float(confidence.double().mean()), rel=1e-5)
+    assert weights.shape == (12,) and float(weights.min()) >= 0 and float(weights.max()) == 1.0
+    out = step(images, labels, weights, torch.Generator().manual_seed(1))
+    assert torch.isfinite(out["loss"])
+
+
+def test_make_optimizer_requires_trainables():
+    with pytest.raises(ValueError, match="no trainable"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2), requires_grad=False)])
