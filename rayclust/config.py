@@ -88,7 +88,8 @@ class EmbedConfig:
 class RayConfig:
     address: str | None = _f(None, "Ray cluster to join (`auto`, `ray://...`); null joins "
                                    "RAY_ADDRESS when set, else starts a local cluster.")
-    num_cpus: int | None = _f(None, "CPUs of a local cluster started by rayclust; null = all.",
+    num_cpus: int | None = _f(None, "Logical CPUs of a local cluster started by rayclust; null = "
+                                    "all, but at least 4.",
                               minimum=1)
 
 

@@ -25,7 +25,8 @@ def ensure_ray(config: Config) -> None:
         ray.init(address=address, **kwargs)
     else:
         _local_workers_use_this_interpreter()
-        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+        # at least 4 logical CPUs: 2 training workers plus decode tasks fit on a small machine
+        ray.init(num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 4), **kwargs)
 
 
 def _local_workers_use_this_interpreter() -> None:

@@ -70,12 +70,32 @@ def images_dataset(config: Config, run: RunDirectory, preprocess, rank: int | No
                           fn_kwargs={"options": config.storage, "preprocess": preprocess})
 
 
+def prepare(config: Config, run: RunDirectory, corpus, stage1: ClusterResult) -> dict:
+    """Write the dense image index and the first table (from stage 1); the workers' config."""
+    n = len(corpus.ids)
+    run.write_table(pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)),
+                              "id": pa.array(corpus.ids, pa.string()),
+                              "uri": pa.array(corpus.uris, pa.string())}), images_uri(run))
+    first = PseudoLabelTable.from_predictions(torch.as_tensor(stage1.labels, dtype=torch.long),
+                                              torch.as_tensor(stage1.confidence))
+    run.write_table(first.to_arrow(corpus.ids), table_uri(run, 0))
+    return {"config": to_dict(config), "run": run.root, "images": images_uri(run),
+            "stage1_model": storage.join(run.stage1, "model.pt"),
+            "first_table": table_uri(run, 0)}
+
+
+def training_images(config: Config, run: RunDirectory):
+    from rayclust.pipeline.embed import describe_encoder
+
+    return images_dataset(config, run, describe_encoder(config).preprocess)
+
+
 def run_stage2(config: Config, run: RunDirectory, corpus, stage1: ClusterResult,
                vocabulary_uri: str) -> tuple[ClusterResult, dict] | None:
     """Fine-tune and assign; None when stage 2 does not apply (the guard kept k-means)."""
     from rayclust.pipeline import train_runtime
-    from rayclust.pipeline.embed import describe_encoder
     from rayclust.pipeline.stage2_worker import stage2_worker
+
     if stage1.source != "heads":
         log.warning("stage 2 skipped: the language guard kept k-means, so there is no image "
                     "head worth fine-tuning towards; the stage-1 result is final")
@@ -85,8 +105,9 @@ def run_stage2(config: Config, run: RunDirectory, corpus, stage1: ClusterResult,
                           "column; set stage2.enabled=false")
     n = len(corpus.ids)
     stage1_model = storage.join(run.stage1, "model.pt")
-    stage1_key = run.load_torch(stage1_model)["fingerprint"]
-    key = _fingerprint(config, stage1_key, n)
+    saved = run.load_torch(stage1_model)
+    # stage 1's settings and how far it trained: more stage-1 epochs mean a new starting model
+    key = _fingerprint(config, f"{saved['fingerprint']}@{saved['state']['epoch']}", n)
     marker = storage.join(run.stage2, "_SUCCESS")
     if run.exists(marker):
         done = run.read_json(marker)
@@ -94,22 +115,14 @@ def run_stage2(config: Config, run: RunDirectory, corpus, stage1: ClusterResult,
             log.info("stage 2: already complete (%s)", marker)
             return _result(config, run, corpus, done, vocabulary_uri), done
 
-    run.write_table(pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)),
-                              "id": pa.array(corpus.ids, pa.string()),
-                              "uri": pa.array(corpus.uris, pa.string())}), images_uri(run))
-    first = PseudoLabelTable.from_predictions(torch.as_tensor(stage1.labels, dtype=torch.long),
-                                              torch.as_tensor(stage1.confidence))
-    run.write_table(first.to_arrow(corpus.ids), table_uri(run, 0))
-
+    loop_config = prepare(config, run, corpus, stage1)
     workers = train_runtime.worker_count(config, minimum=1)
     log.info("stage 2: fine-tuning (%s adapter) on %d Ray Train worker(s), %d epoch(s), "
              "pseudo-labels refreshed %s", config.stage2.adapter, workers, config.stage2.epochs,
              f"every {config.stage2.refresh_epochs} epoch(s)" if config.stage2.refresh_epochs
              else "online per batch")
-    loop_config = {"config": to_dict(config), "run": run.root, "images": images_uri(run),
-                   "stage1_model": stage1_model, "first_table": table_uri(run, 0)}
     train_runtime.fit(stage2_worker, loop_config, config, run, run.stage2, f"train-{key}",
-                      workers, datasets={"train": images_dataset(config, run, describe_encoder(config).preprocess)})
+                      workers, datasets={"train": training_images(config, run)})
     summary = run.read_json(storage.join(run.stage2, "final.json"))
     summary.update(fingerprint=key, epochs=config.stage2.epochs, workers=workers)
     run.mark_complete(run.stage2, summary)

@@ -42,12 +42,28 @@ def uses_gpu(config: Config) -> bool:
     return cluster_gpus() > 0
 
 
+def check_room(config: Config, workers: int, decode: bool) -> None:
+    """Fail with a message instead of hanging when the workers would leave no CPU for the Ray
+    Data decode tasks that feed them (Ray would wait for a CPU forever)."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    need = workers * config.train.cpus_per_worker + (config.embed.decode_cpus if decode else 0)
+    if need > cpus:
+        raise ConfigError(
+            f"{workers} training worker(s) x {config.train.cpus_per_worker} CPU"
+            + (f" + {config.embed.decode_cpus} CPU for decode tasks" if decode else "")
+            + f" need {need:g} CPUs but the Ray cluster has {cpus:g}: lower train.workers or "
+              "train.cpus_per_worker, or give a local cluster more logical CPUs (ray.num_cpus)")
+
+
 def fit(loop: Callable[[dict], Any], loop_config: dict, config: Config, run: RunDirectory,
         stage_dir: str, name: str, workers: int, datasets: dict | None = None):
     """Run `loop` on `workers` Ray Train workers with checkpoints under `stage_dir/name`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_room(config, workers, decode=bool(datasets))
     use_gpu = uses_gpu(config)
     scaling = ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": config.train.cpus_per_worker,

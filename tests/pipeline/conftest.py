@@ -77,3 +77,14 @@ def tiny_config(tmp_path, image_folder=None, **overrides) -> cfg.Config:
         settings.append(f"input.path={image_folder}")
     settings += [f"{k}={v}" for k, v in overrides.items()]
     return cfg.load(None, settings)
+
+
+@pytest.fixture(scope="session")
+def finished_run(image_folder, tmp_path_factory):
+    """One complete local run (stage 1 in the driver) on the generated images."""
+    from rayclust.pipeline.run import run
+
+    tmp = tmp_path_factory.mktemp("run")
+    config = tiny_config(tmp, image_folder)
+    outputs = run(config, str(tmp / "run"))
+    return config, str(tmp / "run"), outputs

@@ -17,14 +17,6 @@ from tests.pipeline.conftest import CLASSES, tiny_config
 N_INPUTS = 3 * 9 + 4  # generated images + corrupt + empty + RGBA png + misnamed PNG
 
 
-@pytest.fixture(scope="module")
-def finished_run(image_folder, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
-    config = tiny_config(tmp, image_folder)
-    outputs = run(config, str(tmp / "run"))
-    return config, str(tmp / "run"), outputs
-
-
 def test_every_output_and_its_schema(finished_run):
     config, run_dir, outputs = finished_run
     # config.yaml is the fully resolved config
