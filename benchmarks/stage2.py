@@ -44,11 +44,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rayclust.encoders import load_encoder  # noqa: E402
 from rayclust.method.adapters import apply_adapter, count_parameters  # noqa: E402
-from rayclust.method.augment import StrongAugment  # noqa: E402
+from rayclust.method.augment import StrongAugment, weak_view  # noqa: E402
 from rayclust.method.heads import SEICHeads  # noqa: E402
 from rayclust.method.pseudo_labels import weighted_cross_entropy  # noqa: E402
 from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep,  # noqa: E402
-                                          freeze_text_branch, make_optimizer, predict_uint8,
+                                          compile_tower, freeze_text_branch, make_optimizer, predict_uint8,
                                           trainable_parameters)
 
 BOUND_VITB32 = 30_000  # PERFORMANCE.md 1.x: ViT-B/32 fine-tune img/s at MAMF (derived)
@@ -70,6 +70,8 @@ def build(args, device):
     model = SelfEnhancedModel(visual, heads, mean, std).to(device)
     if device.type == "cuda" and args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_tower(model.visual)
     return model, mean, std, encoder.preprocess.size
 
 
@@ -105,6 +107,13 @@ def rayclust_step(args, device):
     seconds = time_loop(lambda b: step(b, labels, weights, g), batches, args.steps, args.warmup,
                         device)
     trainable, total = count_parameters(model.visual)
+    if args.phases:  # where the step's time goes: the strong view alone, the step without it
+        augment = time_loop(lambda b: step.augment(b, g), batches, args.steps, 1, device)
+        plain = SelfEnhanceStep(model, optimizer, mean, std, device,
+                                augment=lambda u, _g: weak_view(u, mean, std))
+        no_aug = time_loop(lambda b: plain(b, labels, weights, g), batches, args.steps, 1, device)
+        print(f"  strong view alone                    {args.steps * args.batch / augment:10.1f} img/s")
+        print(f"  step with the weak view instead      {args.steps * args.batch / no_aug:10.1f} img/s")
     refresh = time_loop(lambda b: predict_uint8(model, b, mean, std, device.type == "cuda"),
                         batches, args.steps, args.warmup, device)
     return seconds, refresh, trainable, total
@@ -187,6 +196,9 @@ def main() -> None:
     p.add_argument("--source", default="device", choices=("device", "pinned"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the vision tower")
+    p.add_argument("--phases", action="store_true",
+                   help="also time the strong view alone and the step without it")
     p.add_argument("--ray", action="store_true", help="also time the real 2-worker pipeline")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ray-images", type=int, default=256)

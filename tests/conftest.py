@@ -109,5 +109,5 @@ def ray_cluster(s3_server):
 def _ray_for_pipeline_tests(request):
     """Pipeline and CLI tests run stages on Ray: give them the shared cluster."""
     path = str(request.node.fspath)
-    if any(part in path for part in ("/tests/pipeline/", "test_cli.py", "test_gpu.py")):
+    if any(part in path for part in ("/tests/pipeline/", "test_cli.py")):
         request.getfixturevalue("ray_cluster")

@@ -32,7 +32,7 @@ def test_kmeans_and_knn_on_cuda_match_cpu():
     assert cluster_accuracy(f.labels, fit.labels.cpu().numpy()) > 0.8
 
 
-def test_local_run_on_cuda(tmp_path):
+def test_local_run_on_cuda(tmp_path, ray_cluster):
     from rayclust.pipeline.run import run
     from rayclust.synthetic import generate_image_folder
     from tests.pipeline.conftest import tiny_config

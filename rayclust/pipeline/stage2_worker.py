@@ -28,8 +28,9 @@ from rayclust.method import make_method
 from rayclust.method.adapters import adapter_state_dict, apply_adapter, load_adapter_state_dict
 from rayclust.method.augment import StrongAugment
 from rayclust.method.pseudo_labels import ConfidenceEMA, PseudoLabelTable
-from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, freeze_text_branch,
-                                          make_optimizer, predict_uint8, trainable_parameters)
+from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, compile_tower,
+                                          freeze_text_branch, make_optimizer, predict_uint8,
+                                          trainable_parameters)
 from rayclust.pipeline import train_runtime
 from rayclust.pipeline.progress import log
 from rayclust.pipeline.run_directory import RunDirectory
@@ -67,6 +68,8 @@ class _Worker:
         apply_adapter(visual, self.s2.adapter, rank=self.s2.lora_rank, alpha=self.s2.lora_alpha,
                       blocks=self.s2.unfreeze_blocks, seed=config.seed)
         freeze_text_branch(heads)
+        if self.s2.compile:
+            compile_tower(visual)
         self.model = SelfEnhancedModel(visual, heads, self.mean, self.std).to(self.device)
         self.optimizer = make_optimizer(trainable_parameters(self.model), self.s2.learning_rate,
                                         self.s2.weight_decay)

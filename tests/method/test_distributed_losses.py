@@ -153,8 +153,11 @@ def runs(tmp_path_factory):
                  "probe": _run_gather_probe(None, data)}
     out = tmp_path_factory.mktemp("ddp")
     # fork: a spawned worker re-imports torch, rayclust and torch._dynamo (~10 s of CPU each);
-    # a forked one starts at once. Workers use no CUDA and set one intra-op thread.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # a forked one starts at once. Workers use no CUDA and set one intra-op thread. Where CUDA is
+    # present, the reference's backward has started autograd's device threads, and PyTorch
+    # refuses autograd in a child forked after that (seen on an H200): spawn there.
+    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
+    method = os.environ.get("RAYCLUST_TEST_START_METHOD") or ("fork" if forkable else "spawn")
     mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True,
                        start_method=method)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from rayclust.encoders import load_encoder
-from rayclust.method.adapters import apply_adapter
+from rayclust.method.adapters import adapter_state_dict, apply_adapter
 from rayclust.method.augment import StrongAugment, weak_view
 from rayclust.method.heads import SEICHeads, TACHeads
 from rayclust.method.pseudo_labels import ConfidenceEMA, weighted_cross_entropy
-from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, freeze_text_branch,
-                                          make_optimizer, predict_uint8, trainable_parameters)
+from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, compile_tower,
+                                          freeze_text_branch, make_optimizer, predict_uint8,
+                                          trainable_parameters)
 
 K = 3
 
@@ -56,11 +57,17 @@ def test_only_adapter_and_image_branch_are_trainable(setup):
     assert all(p.requires_grad == n.startswith("image.") for n, p in tac.named_parameters())
 
 
-def test_training_reduces_weighted_ce_and_touches_only_trainables(setup):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+def test_training_reduces_weighted_ce_and_touches_only_trainables(setup, device):
+    """On CUDA the step runs under bf16 autocast with the on-device strong view and fused AdamW."""
     _, model, images = setup
     labels = torch.arange(len(images)) % K  # fixed pseudo-labels, learnable from brightness
     images = images // torch.tensor([1, 3, 9], dtype=torch.uint8)[labels].view(-1, 1, 1, 1)
     weights = torch.linspace(0.2, 1.0, len(images))
+    model, images, labels, weights = (t.to(device) for t in (model, images, labels, weights))
     before = snapshot(model)
 
     def weak_loss():
@@ -70,7 +77,8 @@ def test_training_reduces_weighted_ce_and_touches_only_trainables(setup):
 
     start = weak_loss()
     step = SelfEnhanceStep(model, make_optimizer(trainable_parameters(model), lr=1e-2), model.mean,
-                           model.std, "cpu")
+                           model.std, device, augment=StrongAugment(model.mean, model.std),
+                           autocast=device == "cuda")
     g = torch.Generator().manual_seed(0)
     parts = [step(images, labels, weights, g) for _ in range(20)]
     assert set(parts[0]) >= {"loss", "mean_weight", "agreement"}
@@ -112,3 +120,25 @@ def test_online_pseudo_labels(setup):
 def test_make_optimizer_requires_trainables():
     with pytest.raises(ValueError, match="no trainable"):
         make_optimizer([torch.nn.Parameter(torch.zeros(2), requires_grad=False)])
+
+
+def test_compiled_tower_keeps_names_and_outputs(setup):
+    _, model, images = setup
+    x = weak_view(images, model.mean, model.std)
+    with torch.no_grad():
+        eager = model.eval()(x)
+    keys = list(model.state_dict())
+    adapter = list(adapter_state_dict(model.visual))
+    compile_tower(model.visual)
+    assert list(model.state_dict()) == keys and list(adapter_state_dict(model.visual)) == adapter
+    with torch.no_grad():
+        compiled = model.eval()(x)
+    assert torch.allclose(compiled, eager, atol=1e-4)
+    step = SelfEnhanceStep(model, make_optimizer(trainable_parameters(model), lr=1e-2), model.mean,
+                           model.std, "cpu")
+    before = snapshot(model)
+    out = step(images, torch.arange(len(images)) % K, torch.ones(len(images)),
+               torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"])
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()
+               if "lora_b" in n)
