@@ -112,6 +112,11 @@ def is_remote(uri: str) -> bool:
     return _scheme(uri) == "s3"
 
 
+def absolute(uri: str) -> str:
+    """s3 URIs unchanged; a local path or ``file://`` URI as an absolute local path."""
+    return os.fspath(uri) if is_remote(uri) else _local_path(uri)
+
+
 def _scheme(uri: str) -> str | None:
     uri = os.fspath(uri)
     if "://" not in uri:

@@ -32,6 +32,11 @@ class RunDirectory:
     root: str
     options: StorageOptions = StorageOptions()
 
+    def __post_init__(self):
+        # Ray workers do not share the driver's working directory: a relative run directory
+        # must be pinned to the driver's before any path leaves this process.
+        object.__setattr__(self, "root", storage.absolute(self.root))
+
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
 

@@ -33,6 +33,7 @@ from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, co
                                           trainable_parameters)
 from rayclust.pipeline import train_runtime
 from rayclust.pipeline.progress import log
+from rayclust.pipeline.ray_runtime import configure_data
 from rayclust.pipeline.run_directory import RunDirectory
 
 
@@ -52,6 +53,7 @@ class _Worker:
         self.cfg = cfg
         self.config = config = from_dict(cfg["config"])
         self.s2 = config.stage2
+        configure_data(config)  # each worker process has its own Ray Data context
         self.run = RunDirectory(cfg["run"], config.storage)
         self.rank, self.world = train_runtime.rank_and_size()
         self.device = train_runtime.device()

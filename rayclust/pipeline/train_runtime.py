@@ -60,7 +60,8 @@ def check_room(config: Config, workers: int, decode: bool) -> None:
 def fit(loop: Callable[[dict], Any], loop_config: dict, config: Config, run: RunDirectory,
         stage_dir: str, name: str, workers: int, datasets: dict | None = None):
     """Run `loop` on `workers` Ray Train workers with checkpoints under `stage_dir/name`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig)
     from ray.train.torch import TorchTrainer
 
     check_room(config, workers, decode=bool(datasets))
@@ -75,7 +76,9 @@ def fit(loop: Callable[[dict], Any], loop_config: dict, config: Config, run: Run
         name=name, storage_path=path,
         storage_filesystem=fs if storage.is_remote(stage_dir) else None,
         failure_config=FailureConfig(max_failures=config.train.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints))
+        checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        # rayclust logs each epoch itself; Ray Train's INFO lines repeat every report per rank
+        logging_config=LoggingConfig(log_level="WARNING"))
     trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=datasets)
     result = trainer.fit()

@@ -64,3 +64,12 @@ def test_input_mistakes(tmp_path):
         build_manifest(_config(tmp_path / "empty"), RunDirectory(str(tmp_path / "run")))
     with pytest.raises(cfg.ConfigError, match="labels is `manifest`"):
         list_inputs(_config(tmp_path / "empty", "input.labels=manifest"))
+
+
+def test_run_directory_pins_relative_paths(tmp_path, monkeypatch):
+    """Ray workers run in other working directories: a relative run directory becomes absolute."""
+    monkeypatch.chdir(tmp_path)
+    run = RunDirectory("runs/demo")
+    assert run.root == str(tmp_path / "runs" / "demo")
+    assert run.embeddings == str(tmp_path / "runs" / "demo" / "embeddings")
+    assert RunDirectory("s3://bucket/runs/demo").root == "s3://bucket/runs/demo"
