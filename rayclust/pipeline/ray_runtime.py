@@ -26,7 +26,16 @@ def ensure_ray(config: Config) -> None:
     else:
         _local_workers_use_this_interpreter()
         # at least 4 logical CPUs: 2 training workers plus decode tasks fit on a small machine
-        ray.init(num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 4), **kwargs)
+        ray.init(num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 4),
+                 runtime_env={"worker_process_setup_hook":
+                              "rayclust.pipeline.ray_runtime.quiet_ray_internals"}, **kwargs)
+
+
+def quiet_ray_internals() -> None:
+    """Worker setup hook of a local cluster: Ray Train's placement-group cleaner polls the State
+    API, which a cluster without the dashboard does not serve, and warns every few seconds."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).setLevel(logging.ERROR)
 
 
 def _local_workers_use_this_interpreter() -> None:

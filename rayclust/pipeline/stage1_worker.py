@@ -25,6 +25,7 @@ def stage1_worker(cfg: dict) -> None:
 
     from rayclust.pipeline.stage1 import Corpus, _log_epoch
 
+    train_runtime.quiet_worker()
     config = from_dict(cfg["config"])
     run = RunDirectory(cfg["run"], config.storage)
     rank, world = train_runtime.rank_and_size()

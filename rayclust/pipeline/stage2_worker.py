@@ -33,7 +33,6 @@ from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, co
                                           trainable_parameters)
 from rayclust.pipeline import train_runtime
 from rayclust.pipeline.progress import log
-from rayclust.pipeline.ray_runtime import configure_data
 from rayclust.pipeline.run_directory import RunDirectory
 
 
@@ -53,7 +52,6 @@ class _Worker:
         self.cfg = cfg
         self.config = config = from_dict(cfg["config"])
         self.s2 = config.stage2
-        configure_data(config)  # each worker process has its own Ray Data context
         self.run = RunDirectory(cfg["run"], config.storage)
         self.rank, self.world = train_runtime.rank_and_size()
         self.device = train_runtime.device()
@@ -208,6 +206,7 @@ def stage2_worker(cfg: dict) -> None:
 
     from ray.train.torch import prepare_model
 
+    train_runtime.quiet_worker()
     # Ray Data hands out read-only numpy views; the batches are only read here
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     w = _Worker(cfg)

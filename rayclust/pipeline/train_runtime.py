@@ -57,6 +57,24 @@ def check_room(config: Config, workers: int, decode: bool) -> None:
               "train.cpus_per_worker, or give a local cluster more logical CPUs (ray.num_cpus)")
 
 
+def quiet_worker() -> None:
+    """First call in each training worker: rank 0 logs rayclust's own epoch lines, so Ray Data's
+    per-worker progress bars, Ray Train's per-report INFO lines (logged under a file-path logger
+    name that `LoggingConfig` does not filter) and open_clip's INFO chatter are turned off."""
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("rayclust").setLevel(logging.INFO)
+    try:
+        from ray.train.v2._internal.execution import context
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # a Ray version with another layout: only noisier
+        pass
+
+
 def fit(loop: Callable[[dict], Any], loop_config: dict, config: Config, run: RunDirectory,
         stage_dir: str, name: str, workers: int, datasets: dict | None = None):
     """Run `loop` on `workers` Ray Train workers with checkpoints under `stage_dir/name`."""
