@@ -162,7 +162,7 @@ def ray_pipeline(args) -> dict:
     from rayclust.synthetic import generate_image_folder
 
     root = tempfile.mkdtemp(prefix="rayclust-bench-stage2-")
-    classes = ("circle", "square", "stripes", "checker")
+    classes = ("circle", "square", "stripes", "checkerboard")
     generate_image_folder(os.path.join(root, "images"), classes,
                           per_class=args.ray_images // len(classes), size=96, seed=0)
     config = cfg.load(None, [
