@@ -63,8 +63,11 @@ def quiet_worker() -> None:
     name that `LoggingConfig` does not filter) and open_clip's INFO chatter are turned off."""
     import logging
 
+    import ray
     from ray.data import DataContext
 
+    if ray.get_runtime_context().get_actor_id() is None:
+        return  # Train's local mode runs the loop in the driver: leave its settings alone
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("rayclust").setLevel(logging.INFO)
