@@ -48,8 +48,8 @@ from rayclust.method.augment import StrongAugment, weak_view  # noqa: E402
 from rayclust.method.heads import SEICHeads  # noqa: E402
 from rayclust.method.pseudo_labels import weighted_cross_entropy  # noqa: E402
 from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep,  # noqa: E402
-                                          compile_tower, freeze_text_branch, make_optimizer, predict_uint8,
-                                          trainable_parameters)
+                                          compile_tower, freeze_text_branch, make_optimizer,
+                                          predict_uint8, trainable_parameters)
 
 BOUND_VITB32 = 30_000  # PERFORMANCE.md 1.x: ViT-B/32 fine-tune img/s at MAMF (derived)
 TARGET_VITB32 = 12_000

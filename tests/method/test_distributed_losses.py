@@ -156,6 +156,7 @@ def runs(tmp_path_factory):
     # a forked one starts at once. Workers use no CUDA and set one intra-op thread. Where CUDA is
     # present, the reference's backward has started autograd's device threads, and PyTorch
     # refuses autograd in a child forked after that (seen on an H200): spawn there.
+    # RAYCLUST_TEST_START_METHOD=spawn exercises that path on a CPU-only machine.
     forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
     method = os.environ.get("RAYCLUST_TEST_START_METHOD") or ("fork" if forkable else "spawn")
     mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True,

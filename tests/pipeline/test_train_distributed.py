@@ -7,12 +7,17 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from rayclust import storage
 from rayclust.method.pseudo_labels import PseudoLabelTable
-from rayclust.pipeline.run import run
+from rayclust.pipeline.run import cluster_embeddings, run
+from rayclust.synthetic import make_vmf_features
+from rayclust.tables import embedding_array
 from tests.pipeline.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -22,6 +27,37 @@ STAGE2 = {"train.workers": 2, "seic.epochs": 2, "stage2.enabled": "true", "stage
           "stage2.lora_rank": 4, "stage2.inference_batch_size": 8, "stage2.shuffle_buffer": 8,
           # random tiny encoder: the guard would rightly keep k-means and skip stage 2
           "guard.enabled": "false", "embed.decode_batch_size": 8}
+
+
+def _synthetic_inputs(tmp_path):
+    data = make_vmf_features(n=400, n_clusters=3, dim=32, seed=0)
+    emb, voc = str(tmp_path / "emb.parquet"), str(tmp_path / "voc.parquet")
+    pq.write_table(pa.table({"embedding": embedding_array(data.image.astype(np.float32)),
+                             "label": [str(v) for v in data.labels]}), emb)
+    pq.write_table(pa.table({"noun": data.noun_names,
+                             "embedding": embedding_array(data.nouns.astype(np.float32))}), voc)
+    return emb, voc
+
+
+def test_stage1_on_two_workers_resumes_from_its_checkpoints(tmp_path):
+    emb, voc = _synthetic_inputs(tmp_path)
+    settings = {"train.workers": 2, "seic.batch_size": 64, "seic.candidate_nouns_per_centre": 20}
+    first = cluster_embeddings(tiny_config(tmp_path, **settings, **{"seic.epochs": 2}),
+                               str(tmp_path / "run"), emb, voc)
+    assert first["metrics_values"]["stage1"]["workers"] == 2
+    checkpoints = sorted(os.path.basename(p) for p in
+                         glob.glob(str(tmp_path / "run" / "stage1" / "train-*" / "epoch-*")))
+    assert checkpoints == ["epoch-0001", "epoch-0002"]
+    # the same command with more epochs: Ray Train restores epoch 2 and trains only epoch 3
+    again = cluster_embeddings(tiny_config(tmp_path, **settings, **{"seic.epochs": 3}),
+                               str(tmp_path / "run"), emb, voc)
+    history = json.load(open(tmp_path / "run" / "stage1" / "history.json"))["epochs"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # epochs 1-2 come from the restored checkpoint, not from training them again
+    assert history[1]["loss"] == first["metrics_values"]["stage1"]["final_loss"]
+    assert again["metrics_values"]["labels"]["acc"] == pytest.approx(1.0)
+    assignments = storage.read_parquet(str(tmp_path / "run" / "assignments"))
+    assert assignments.num_rows == 400
 
 
 def _check_tables(run_dir: str, epochs: list[int], world: int = 2) -> PseudoLabelTable:
