@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("rayclust").setLevel(logging.INFO)
-    from rayclust.encoders import EncoderLoadError
 
     try:
         if args.command == "config":
@@ -177,12 +176,33 @@ def main(argv: list[str] | None = None) -> int:
                                     args.images_dir)
         _print_summary(outputs, config.storage)
         return 0
-    except (cfg.ConfigError, EncoderLoadError, StorageError, FileNotFoundError) as exc:
+    except _user_errors() as exc:  # evaluated when an exception arrives, after the imports
         print(f"rayclust: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rayclust: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        _stop_ray()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's mistake. `EncoderLoadError` is named only once its
+    module is loaded: importing it here would import torch and open_clip (many seconds) before
+    a wrong input file or config key could be reported."""
+    errors: list[type[BaseException]] = [cfg.ConfigError, StorageError, FileNotFoundError]
+    encoders = sys.modules.get("rayclust.encoders")
+    if encoders is not None:
+        errors.append(encoders.EncoderLoadError)
+    return tuple(errors)
+
+
+def _stop_ray() -> None:
+    """Stop the local Ray cluster this command started (or leave the one it joined) before
+    returning, so the process exits as soon as the command is done, after an error too."""
+    runtime = sys.modules.get("rayclust.pipeline.ray_runtime")  # imported only if Ray was used
+    if runtime is not None:
+        runtime.shutdown_if_connected_here()
 
 
 if __name__ == "__main__":

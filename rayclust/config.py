@@ -110,12 +110,20 @@ class VocabularyConfig:
 
 @dataclass
 class KMeansConfig:
-    iterations: int = _f(100, "Lloyd iterations per restart.", minimum=1)
-    restarts: int = _f(3, "Restarts with fresh k-means++ seeding; the lowest inertia wins.",
-                       minimum=1)
-    max_points_per_centroid: int = _f(256, "Fit on a uniform subsample of at most this many "
-                                           "points per centroid (faiss's default), then assign "
-                                           "every point.", minimum=1)
+    iterations: int = _f(300, "Lloyd iterations per restart at most (faiss's niter in TAC and "
+                              "SEIC); a restart stops earlier once the objective settles.",
+                         minimum=1)
+    restarts: int = _f(10, "Restarts with fresh k-means++ seeding (faiss's nredo); the lowest "
+                           "inertia wins.", minimum=1)
+    smallest_cluster_fraction: float = _f(0.05, "The smallest cluster the fit must still see, as "
+                                                "a fraction of the average size N/K.",
+                                          minimum=1e-6)
+    points_in_smallest: int = _f(50, "Points of that smallest cluster a fit sample must hold: "
+                                     "the fit uses all points, or a uniform sample of "
+                                     "ceil(points_in_smallest x K / smallest_cluster_fraction) "
+                                     "when N is larger (1,000 per centroid by default; faiss "
+                                     "uses 256, which starves small clusters), then assigns "
+                                     "every point.", minimum=1)
 
 
 @dataclass
@@ -127,11 +135,16 @@ class TACConfig:
     retrieval_temperature: float = _f(0.005, "tau of the softmax that builds text counterparts.",
                                       minimum=1e-6)
     knn: int = _f(50, "Neighbours mined in image and counterpart space.", minimum=1)
-    epochs: int = _f(20, "Training epochs.", minimum=1)
-    batch_size: int = _f(512, "Anchors per batch.", minimum=2)
+    epochs: int | None = _f(None, "Training epochs; null = TAC's official 20, or 100 when "
+                                  "clusters >= 100.", minimum=1)
+    batch_size: int | None = _f(None, "Anchors per global batch (split across the training "
+                                      "workers); null = TAC's official 512, or 8192 when "
+                                      "clusters >= 100 (at K = 1000 a batch of 512 holds about "
+                                      "half a member per cluster).", minimum=2)
     learning_rate: float = _f(1e-3, "Adam learning rate.", minimum=0.0)
-    distill_temperature: float = _f(0.5, "tau-hat of the cluster-level contrastive loss "
-                                         "(TAC uses 5.0 for K >= 100).", minimum=1e-6)
+    distill_temperature: float | None = _f(None, "tau-hat of the cluster-level contrastive "
+                                                 "loss; null = TAC's official 0.5, or 5.0 when "
+                                                 "clusters >= 100.", minimum=1e-6)
     entropy_weight: float = _f(5.0, "lambda, weight of the marginal-entropy balance term.",
                                minimum=0.0)
 
@@ -144,7 +157,8 @@ class SEICConfig:
                               minimum=1)
     retrieval_temperature: float = _f(0.01, "tau_t of the counterpart softmax.", minimum=1e-6)
     epochs: int = _f(100, "Training epochs.", minimum=1)
-    batch_size: int = _f(1024, "Pairs per batch.", minimum=2)
+    batch_size: int = _f(1024, "Pairs per global batch (split across the training workers).",
+                         minimum=2)
     learning_rate: float = _f(5e-3, "Adam learning rate.", minimum=0.0)
     instance_weight: float = _f(0.5, "alpha, weight of the instance-level InfoNCE.", minimum=0.0)
     assignment_weight: float = _f(1.0, "beta, weight of the assignment-level InfoNCE.",
@@ -181,8 +195,9 @@ class Stage2Config:
                               "head on the stage-1 model's pseudo-labels (needs the images, "
                               "not only embeddings).")
     epochs: int = _f(40, "Fine-tuning epochs.", minimum=1)
-    batch_size: int = _f(128, "Images per step and worker (global batch = workers x this).",
-                         minimum=2)
+    batch_size: int = _f(128, "Images per step and worker (global batch = workers x this). "
+                              "Every epoch visits a fresh global permutation of the corpus, in "
+                              "ceil(N / global batch) steps.", minimum=2)
     learning_rate: float = _f(5e-5, "AdamW learning rate.", minimum=0.0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", minimum=0.0)
     adapter: str = _f("lora", "What trains in the vision tower: `lora` (low-rank updates of the "
@@ -200,8 +215,6 @@ class Stage2Config:
                                            "in online mode (refresh_epochs: 0).", minimum=0.0)
     crop_min_scale: float = _f(0.5, "Smallest area fraction of the strong view's random crop.",
                                minimum=0.05)
-    shuffle_buffer: int = _f(1024, "Rows in each worker's local shuffle buffer; 0 = no shuffle.",
-                             minimum=0)
     inference_batch_size: int = _f(256, "Images per forward pass at table refresh and "
                                         "assignment.", minimum=1)
     compile: bool = _f(False, "torch.compile the vision tower's forward (a one-off compile per "
@@ -212,12 +225,27 @@ class Stage2Config:
 @dataclass
 class GuardConfig:
     enabled: bool = _f(True, "Compare the trained heads with plain k-means on the image features "
-                             "by a label-free score and keep k-means when language did not help.")
-    margin: float = _f(0.0, "k-means replaces the heads only if its score is higher by more "
-                            "than this.", minimum=0.0)
-    neighbours: int = _f(10, "Neighbours used by the label-free neighbour-agreement score.",
-                         minimum=1)
-    sample: int = _f(20000, "Points sampled for the score on large corpora.", minimum=100)
+                             "by the label-free selection score (rayclust.method.selection) and "
+                             "keep k-means when it is clearly better.")
+    margin: float = _f(2.0, "k-means replaces the heads only if its selection score is higher by "
+                            "more than this many standard errors of the paired difference.",
+                       minimum=0.0)
+    neighbours: int = _f(10, "Neighbours per anchor in the selection graphs (image and text "
+                             "views) and in the reported neighbour agreement.", minimum=1)
+    sample: int = _f(4000, "Anchors of the selection graph (at least anchors_per_cluster x K; all "
+                           "points when fewer).", minimum=100)
+    anchors_per_cluster: int = _f(20, "Anchors per cluster at least, so large K keep enough "
+                                      "anchors per cluster.", minimum=1)
+    text_temperature: float = _f(0.01, "tau of the softmax over the whole vocabulary that builds "
+                                       "the selection's text view.", minimum=1e-6)
+    text_weight: float = _f(0.75, "Share of the text view in the selection score (the image view "
+                                  "has the rest); see rayclust.method.selection for the "
+                                  "measurements behind 0.75.", minimum=0.0)
+    min_cluster_fraction: float = _f(0.05, "A candidate whose smallest cluster holds fewer than "
+                                           "this fraction of N/K points is degenerate and cannot "
+                                           "win.", minimum=0.0)
+    bootstrap: int = _f(1000, "Bootstrap resamples of the anchors for the standard errors.",
+                        minimum=2)
 
 
 @dataclass
@@ -376,6 +404,8 @@ def _validate(config: Config) -> None:
                           "clusters (the candidate pool).")
     if config.stage2.crop_min_scale > 1:
         raise ConfigError("stage2.crop_min_scale is an area fraction: at most 1.")
+    if config.guard.text_weight > 1:
+        raise ConfigError("guard.text_weight is a share of the selection score: at most 1.")
     if config.guard.neighbours >= config.guard.sample:
         raise ConfigError("guard.neighbours must be smaller than guard.sample.")
 

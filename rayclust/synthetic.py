@@ -91,6 +91,70 @@ def make_vmf_features(n: int = 5000, n_clusters: int = 10, dim: int = 512,
                              image_centres, text_centres)
 
 
+
+def make_two_mode_features(n: int = 3000, n_clusters: int = 10, two_mode_classes: int = 5,
+                           close_pairs: int = 2, dim: int = 512, semantic_weight: float = 0.5,
+                           image_kappa: float = 400.0, text_kappa: float = 300.0,
+                           nouns_per_class: int = 20, distractor_nouns: int = 200,
+                           noun_kappa: float = 800.0, seed: int = 0) -> SyntheticFeatures:
+    """Classes whose images do not form one visual cluster each, while their nouns agree.
+
+    Every image centre mixes a class's *semantic* direction s_c (what language sees) with a
+    *visual* direction r: mu = normalize(w s_c + sqrt(1 - w^2) r), w = `semantic_weight`. The
+    first `two_mode_classes` classes have two visual modes with independent r (a photo and a
+    sketch of one concept: modes at cosine ~w^2 apart), the next `close_pairs` pairs of classes
+    share one r (two visually close concepts: cosine ~1 - w^2), the rest have their own r. Text
+    centres, paired text and planted nouns depend on s_c only (t_c = normalize(s_c + gap)), so a
+    fitting vocabulary joins the modes and tells the close pairs apart, while k-means with K
+    centres spends centres on the extra modes and merges the close pairs. Class sizes are equal
+    and each two-mode class is split evenly between its modes. `image_centres` holds one row per
+    mode (two-mode classes first mode, then second).
+    """
+    if two_mode_classes + 2 * close_pairs > n_clusters:
+        raise ValueError("two_mode_classes + 2 * close_pairs must not exceed n_clusters")
+    rng = np.random.default_rng(seed)
+    semantic = random_unit_vectors(n_clusters, dim, rng)
+    gap = random_unit_vectors(1, dim, rng)[0]
+    text_centres = semantic + gap
+    text_centres /= np.linalg.norm(text_centres, axis=1, keepdims=True)
+    # visual directions: one per mode, shared inside a close pair
+    visual_of = []  # per class, the list of its modes' visual-direction indices
+    count = 0
+    for c in range(n_clusters):
+        if c < two_mode_classes:
+            visual_of.append([count, count + 1])
+            count += 2
+        elif c < two_mode_classes + 2 * close_pairs and (c - two_mode_classes) % 2 == 1:
+            visual_of.append([visual_of[-1][0]])  # second of a close pair: its partner's r
+        else:
+            visual_of.append([count])
+            count += 1
+    visual = random_unit_vectors(count, dim, rng)
+    w = semantic_weight
+    labels = np.repeat(np.arange(n_clusters), n // n_clusters)
+    labels = np.concatenate([labels, rng.integers(0, n_clusters, n - len(labels))])
+    rng.shuffle(labels)
+    image = np.empty((n, dim), np.float32)
+    text = np.empty((n, dim), np.float32)
+    centres = []
+    for c in range(n_clusters):
+        rows = np.flatnonzero(labels == c)
+        parts = np.array_split(rows, len(visual_of[c]))
+        for part, v in zip(parts, visual_of[c]):
+            mu = w * semantic[c] + math.sqrt(1 - w * w) * visual[v]
+            mu /= np.linalg.norm(mu)
+            centres.append(mu)
+            image[part] = sample_vmf(mu, image_kappa, len(part), rng)
+        text[rows] = sample_vmf(text_centres[c], text_kappa, len(rows), rng)
+    nouns = [sample_vmf(text_centres[c], noun_kappa, nouns_per_class, rng)
+             for c in range(n_clusters)] if nouns_per_class else []
+    names = [f"class{c}_noun{j}" for c in range(n_clusters) for j in range(nouns_per_class)]
+    if distractor_nouns:
+        nouns.append(random_unit_vectors(distractor_nouns, dim, rng))
+        names += [f"distractor{j}" for j in range(distractor_nouns)]
+    return SyntheticFeatures(image, text, labels, np.concatenate(nouns), names,
+                             np.stack(centres).astype(np.float32), text_centres)
+
 # ------------------------------------------------------------------------------------------
 # A small labelled image set for the demo and the end-to-end tests
 

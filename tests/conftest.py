@@ -99,8 +99,9 @@ def ray_cluster(s3_server):
 
     if not ray.is_initialized():
         _local_workers_use_this_interpreter()
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
-                 logging_level="WARNING")
+        # a cluster of its own ("local": never one a `ray start` left behind), on loopback only
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4,
+                 include_dashboard=False, configure_logging=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -1,7 +1,5 @@
-"""The command line: help texts, clear errors for user mistakes, and the offline demo."""
-
-import json
-import os
+"""The command line in-process: help texts and clear errors for user mistakes. Every command
+shape run as a user runs it (a fresh process, its own Ray) is in test_commands.py."""
 
 import pytest
 
@@ -62,21 +60,6 @@ def test_config_command_prints_resolved_and_described(capsys):
     assert main(["config", "--describe"]) == 0
     out = capsys.readouterr().out
     assert "seic.balance_weight" in out and "storage.endpoint" in out
-
-
-def test_demo_offline_with_tiny_model(tmp_path, capsys):
-    run_dir = tmp_path / "runs" / "demo"
-    code = main(["demo", "--run-dir", str(run_dir), "--no-progress",
-                 "--set", "model.name=rayclust-tiny", "--set", "model.pretrained=none",
-                 "--set", "vocabulary.max_nouns=200",
-                 "--set", f"vocabulary.cache_dir={tmp_path}/cache",
-                 "--set", "seic.epochs=2"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "300 images -> 6 clusters" in out and "ACC" in out and str(run_dir) in out
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["images"] == 300 and metrics["classes"] == 6
-    assert len(os.listdir(tmp_path / "runs" / "demo-images")) == 6
 
 
 def test_parser_commands():

@@ -42,6 +42,29 @@ def test_local_run_on_cuda(tmp_path, ray_cluster):
     out = run(config, str(tmp_path / "run"))
     assert out["metrics_values"]["stage1"]["device"] == "cuda"
     assert out["metrics_values"]["images"] == 40
+    # the repeat reads stage1/global.pt and model.pt back (written from CPU tensors) and must
+    # not mix devices, whichever candidate the guard keeps (issue 10, item 2)
+    again = run(config, str(tmp_path / "run"))
+    assert again["metrics_values"]["assignment_source"] == out["metrics_values"][
+        "assignment_source"]
+
+
+def test_kmeans_kept_on_cuda_with_cpu_centroids():
+    """The guard's k-means confidence and `predict` use CPU centroids (a cached fit) with CUDA
+    features without a device error."""
+    from rayclust.config import GuardConfig, KMeansConfig
+    from rayclust.method.kmeans import KMeansResult, spherical_kmeans
+    from rayclust.method.trainer import Stage1Inputs
+
+    f = make_vmf_features(n=1500, image_kappa=150, nouns_per_class=0, distractor_nouns=500,
+                          seed=0)
+    fit = spherical_kmeans(torch.tensor(f.image), 10, seed=0)
+    cpu_fit = KMeansResult(fit.centroids.cpu(), fit.labels.cpu(), fit.inertia)
+    model = SEIC(10, SEICConfig(epochs=2), kmeans=KMeansConfig(restarts=1), device="cuda",
+                 guard=GuardConfig())
+    inputs = Stage1Inputs(torch.tensor(f.image), torch.tensor(f.text))
+    model.fit(f.image, f.nouns, f.noun_names, inputs=inputs, kmeans_fit=cpu_fit)
+    assert model.predict(f.image).shape == (1500,)
 
 
 @pytest.mark.parametrize("method", ["seic", "tac"])

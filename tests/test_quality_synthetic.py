@@ -1,11 +1,15 @@
 """Stage-1 quality where the truth is known: von Mises-Fisher clusters on the 512-d sphere.
 
-Three settings (documented in the README, "Quality on synthetic features"):
+Four settings (documented in the README, "Quality on synthetic features"):
 * easy: 10 well-separated clusters with noisy paired text vectors: SEIC reaches ACC >= 0.95;
 * overlapping image clusters (kappa 60, k-means near chance) with a vocabulary whose nouns sit
   near the class text centres: language helps, SEIC beats k-means by a wide margin;
 * a vocabulary that does not fit the domain (only random distractor nouns): the heads alone fall
-  below k-means, and the language guard steps aside so the result is at least k-means.
+  below k-means, and the language guard steps aside so the result is at least k-means;
+* classes with two far-apart visual modes plus a visually close pair of classes, with a fitting
+  vocabulary (synthetic.make_two_mode_features): k-means splits the modes and merges the pair,
+  the heads join what the nouns join, and the guard keeps them (the old image-only guard did
+  not: k-means' image neighbour agreement was the higher).
 """
 
 import numpy as np
@@ -15,9 +19,9 @@ import torch
 from rayclust.config import GuardConfig, SEICConfig, TACConfig
 from rayclust.method import SEIC, TAC
 from rayclust.method.kmeans import spherical_kmeans
-from rayclust.method.metrics import cluster_accuracy
+from rayclust.method.metrics import cluster_accuracy, neighbour_agreement
 from rayclust.method.trainer import Stage1Inputs
-from rayclust.synthetic import make_vmf_features
+from rayclust.synthetic import make_two_mode_features, make_vmf_features
 
 N = 3000
 
@@ -69,3 +73,21 @@ def test_language_steps_aside_when_the_vocabulary_does_not_fit():
     assert final >= baseline - 1e-9, (final, baseline)
     # new points are assigned like the kept k-means, not by the discarded heads
     assert (model.predict(f.image) == model.labels_).mean() > 0.99
+
+
+def test_the_guard_keeps_heads_that_join_visual_modes():
+    # SEIC only, to keep the suite short; benchmarks/methods.py runs TAC on a larger version
+    f = make_two_mode_features(n=1200, n_clusters=6, two_mode_classes=3, close_pairs=1,
+                               semantic_weight=0.3, seed=0)
+    model = SEIC(6, SEICConfig(epochs=15, batch_size=256)).fit(f.image, f.nouns, f.noun_names)
+    res = model.result_
+    baseline = cluster_accuracy(f.labels, res.kmeans_labels)
+    acc = cluster_accuracy(f.labels, model.labels_)
+    assert res.source == "heads", res.selection
+    assert baseline < 0.7 and acc >= baseline + 0.2, (acc, baseline)
+    # the old guard's image-only neighbour agreement ranked k-means first
+    u = torch.nn.functional.normalize(torch.tensor(f.image), dim=1)
+    assert (neighbour_agreement(u, torch.tensor(res.kmeans_labels))
+            > neighbour_agreement(u, torch.tensor(model.labels_)))
+    sel = res.selection
+    assert sel["chosen"] == "heads" and sel["difference"] < -sel["margin"] * sel["standard_error"]

@@ -5,10 +5,15 @@ predicts, applies the language guard and names the clusters. Learned state lives
 with a trailing underscore; `predict` labels new features with the trained image head.
 
 The guard ("language helps or steps aside") is a rayclust addition, not part of either paper: the
-heads' clustering and plain spherical k-means with K centres on the same image features are both
-scored by the label-free neighbour agreement (metrics.neighbour_agreement) and k-means is kept
-when it scores higher by more than `guard.margin`. On features where the vocabulary fits poorly
-the result is therefore at least as good as k-means by that criterion.
+heads' clustering and plain spherical k-means with K centres on the same image features are
+compared by the label-free selection score of `rayclust.method.selection` (centred neighbour
+agreement in two fixed views, the image embeddings and a text view over the whole vocabulary, on
+one shared anchor graph). k-means replaces the heads only when it is ahead by more than
+`guard.margin` standard errors of the paired difference (bootstrap over anchors), or when the
+heads' partition is degenerate (an empty or tiny cluster) and k-means' is not. Where language
+helped (the text view separates what the images alone merge) the heads are kept; where the
+vocabulary does not fit, the text view carries no class signal, the image view decides, and the
+result is k-means whenever k-means is clearly the better partition of the images.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch.nn.functional as F
 
 from rayclust.config import GuardConfig, KMeansConfig, SEICConfig, TACConfig
 from rayclust.method.kmeans import KMeansResult, spherical_kmeans
-from rayclust.method.metrics import label_free_scores, label_metrics
+from rayclust.method.metrics import label_metrics, size_statistics
 from rayclust.method.naming import typical_nouns, unique_names
 from rayclust.method.seic import SEICObjective, prepare_seic
+from rayclust.method.selection import compare_partitions, prefer_alternative, selection_graph
 from rayclust.method.tac import TACObjective, prepare_tac
 from rayclust.method.trainer import (EpochLog, Stage1Inputs, Stage1Trainer, TrainState,
                                      predict_proba)
@@ -41,6 +47,8 @@ class ClusterResult:
     names: list[str]                 # per cluster, unique
     scores: dict[str, dict] = field(default_factory=dict)  # label-free scores per candidate
     kmeans_labels: np.ndarray | None = None  # the k-means baseline the guard compared against
+    # the guard's paired comparison: difference k-means - heads, its standard error, decision
+    selection: dict = field(default_factory=dict)
 
 
 class _Estimator(abc.ABC):
@@ -99,30 +107,44 @@ class _Estimator(abc.ABC):
                kmeans_fit: KMeansResult | None) -> ClusterResult:
         probs = predict_proba(self.state_.model, u)
         confidence, labels = probs.max(dim=1)
-        source, scores = "heads", {}
+        source, scores, selection = "heads", {}, {}
         if self.guard.enabled:
             g = self.guard
             if kmeans_fit is None:
                 kmeans_fit = spherical_kmeans(u, self.n_clusters, seed=self.seed,
                                               **vars(self.kmeans))
-            scores["heads"] = label_free_scores(u, labels, self.n_clusters, confidence,
-                                                g.neighbours, g.sample, self.seed)
-            scores["kmeans"] = label_free_scores(u, kmeans_fit.labels, self.n_clusters, None,
-                                                 g.neighbours, g.sample, self.seed)
             self.kmeans_fit_ = kmeans_fit
-            if (scores["kmeans"]["neighbour_agreement"]
-                    > scores["heads"]["neighbour_agreement"] + g.margin):
+            graph = selection_graph(u, e, self.n_clusters, g.sample, g.neighbours,
+                                    g.text_temperature, g.anchors_per_cluster, self.seed,
+                                    g.text_weight)
+            comparison = compare_partitions(graph, labels, kmeans_fit.labels, self.n_clusters,
+                                            g.min_cluster_fraction, g.bootstrap, self.seed)
+            switch, reason = prefer_alternative(comparison, g.margin)
+            for name, part, lab, conf in (("heads", "a", labels, confidence),
+                                          ("kmeans", "b", kmeans_fit.labels, None)):
+                scores[name] = {**comparison[part],
+                                **size_statistics(lab.cpu().numpy(), self.n_clusters)}
+                if conf is not None:
+                    scores[name]["mean_confidence"] = float(conf.float().mean())
+            selection = {"difference": comparison["difference"],
+                         "standard_error": comparison["standard_error"],
+                         "z": comparison["z"], "margin": g.margin,
+                         "chosen": "kmeans" if switch else "heads", "reason": reason,
+                         **graph.settings}
+            if switch:
                 source = "kmeans"
-                labels = kmeans_fit.labels
+                labels = kmeans_fit.labels.to(u.device)
                 # A soft confidence for k-means: softmax of cosine to the centroids at T=0.05.
-                confidence = torch.softmax(u @ kmeans_fit.centroids.T / 0.05, 1).max(1).values
+                # The centroids may come from a cache loaded on another device than u.
+                centroids = kmeans_fit.centroids.to(u.device, u.dtype)
+                confidence = torch.softmax(u @ centroids.T / 0.05, 1).max(1).values
         labels_np = labels.cpu().numpy()
         sizes = np.bincount(labels_np, minlength=self.n_clusters).tolist()
         top = typical_nouns(u, labels, self.n_clusters, e, nouns, self.top_nouns) if nouns \
             else [[] for _ in range(self.n_clusters)]
         kmeans_labels = kmeans_fit.labels.cpu().numpy() if kmeans_fit is not None else None
         return ClusterResult(labels_np, confidence.cpu().numpy(), source, top,
-                             unique_names(top, sizes), scores, kmeans_labels)
+                             unique_names(top, sizes), scores, kmeans_labels, selection)
 
     # -- sklearn-style accessors
     @property
@@ -142,7 +164,8 @@ class _Estimator(abc.ABC):
         guard kept k-means."""
         if self.result_.source == "kmeans":
             u = F.normalize(torch.as_tensor(image_features).float(), dim=1).to(self.device)
-            return (u @ self.kmeans_fit_.centroids.T).argmax(1).cpu().numpy()
+            centroids = self.kmeans_fit_.centroids.to(u.device, u.dtype)
+            return (u @ centroids.T).argmax(1).cpu().numpy()
         return self.predict_proba(image_features).argmax(axis=1)
 
     def score(self, true_labels) -> dict[str, float]:

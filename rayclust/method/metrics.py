@@ -3,8 +3,9 @@
 ACC uses the Hungarian matching of scipy on the contingency matrix padded to square, so a
 cluster count different from the class count is handled (extra clusters or classes match
 nothing). NMI uses the arithmetic-mean normaliser (scikit-learn's default); ARI is Hubert and
-Arabie's. Label-free scores are for model selection and the language guard (RAY.md 3.3): they
-are computed in the fixed image-embedding space, so they compare clusterings fairly.
+Arabie's. The label-free scores here (neighbour agreement, size statistics) are reported for
+every clustering, in the fixed image-embedding space; model selection and the language guard use
+`rayclust.method.selection`, which also scores a text view and penalises merges.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def neighbour_agreement(features: torch.Tensor, labels: torch.Tensor, k: int = 1
     kappa = (a - e) / (1 - e): a is the fraction of (point, neighbour) pairs in one cluster, e the
     same fraction expected from random labels with these cluster sizes (sum_k p_k^2). 1 is perfect
     agreement, 0 chance; collapsing everything into one cluster scores 0, not 1. Computed on a
-    uniform sample (kNN within the sample) to stay O(sample^2).
+    uniform sample (kNN within the sample) to stay O(sample^2). Dividing by 1 - e cancels the
+    cost of a merge (a merge cuts no neighbour pair, so kappa stays 1): report it, but select
+    with rayclust.method.selection.
     """
     n = features.shape[0]
     generator = torch.Generator().manual_seed(seed)

@@ -7,7 +7,8 @@ Two modes share the weighting rule w = 1 if c >= mu else exp(-(c - mu)^2 / (2 va
   table's own mean and population variance. Built in float64 on CPU from the gathered predictions,
   so every data-parallel worker derives the same table; `hash()` lets them check.
 * **Online** (refresh period 0, VLM4Cluster): labels come from the weak view of each batch and
-  `ConfidenceEMA` tracks mu and var with momentum 0.999, as SoftMatch does.
+  `ConfidenceEMA` tracks mu and var with momentum 0.999, as SoftMatch does, but starting from the
+  first batch's statistics rather than SoftMatch's prior (see `ConfidenceEMA`).
 """
 
 from __future__ import annotations
@@ -131,10 +132,15 @@ class PseudoLabelTable:
 class ConfidenceEMA(nn.Module):
     """Online SoftMatch statistics: EMAs of the batch mean and variance of the confidence.
 
-    mean starts at 1/K (a uniform prediction) and var at 1.0 (so early weights are near 1), as in
-    SoftMatch. The batch variance is the unbiased one (SoftMatch's code). With
-    ``gather_distributed`` the batch statistics are over all data-parallel workers, so every
-    worker keeps the same EMA (all workers must then call `update` together).
+    The first batch of at least two values sets mean and var to its own statistics; the EMA with
+    ``momentum`` runs from there. SoftMatch instead starts at mean 1/K and var 1.0, which is a
+    prior for a model trained from scratch; stage 2 starts from the trained stage-1 model, whose
+    confidences sit far above 1/K, and with momentum 0.999 that prior would leave mean below
+    almost every confidence, so almost every weight 1, for about 2,000 steps. Until then
+    (`initialised` false) mean and var hold 1/K and 1.0. The batch variance is the unbiased one
+    (SoftMatch's code). With ``gather_distributed`` the batch statistics are over all
+    data-parallel workers, so every worker keeps the same EMA (all workers must then call
+    `update` together).
     """
 
     def __init__(self, n_clusters: int, momentum: float = 0.999):
@@ -142,6 +148,7 @@ class ConfidenceEMA(nn.Module):
         self.momentum = momentum
         self.register_buffer("mean", torch.tensor(1.0 / n_clusters, dtype=torch.float64))
         self.register_buffer("var", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("initialised", torch.tensor(False))
 
     @torch.no_grad()
     def update(self, confidence: torch.Tensor, gather_distributed: bool = False) -> None:
@@ -153,9 +160,13 @@ class ConfidenceEMA(nn.Module):
         n, total, squares = sums.unbind()
         mean = total / n.clamp(min=1)
         var = (squares - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
-        m = torch.where(n > 1, n.new_tensor(self.momentum), n.new_tensor(1.0))
+        counts = n > 1
+        # momentum 0 on the first counted batch, 1 (no change) on a batch that does not count
+        m = torch.where(counts, torch.where(self.initialised, n.new_tensor(self.momentum),
+                                            n.new_tensor(0.0)), n.new_tensor(1.0))
         self.mean.copy_(m * self.mean + (1 - m) * mean)
         self.var.copy_(m * self.var + (1 - m) * var)
+        self.initialised.logical_or_(counts.to(self.initialised.device))
 
     def weights(self, confidence: torch.Tensor) -> torch.Tensor:
         return soft_weights(confidence, self.mean, self.var)

@@ -21,10 +21,13 @@ from rayclust.method.pseudo_labels import ConfidenceEMA, weighted_cross_entropy
 
 
 class SelfEnhancedModel(nn.Module):
-    """Normalised images (B, 3, H, W) -> cluster logits (B, K).
+    """Normalised images (B, 3, H, W) -> cluster logits (B, K), float32.
 
     ``heads`` is a stage-1 heads module (SEICHeads, TACHeads) whose one-argument call gives image
-    logits; features are L2-normalised in float32 first, exactly as stage 1 saw them.
+    logits; features are L2-normalised in float32 first, exactly as stage 1 saw them. Under an
+    autocast region only the tower runs in reduced precision: the heads run in float32 as in
+    stage 1 (bf16 heads quantise the logits, so table confidences collapse onto a few values and
+    argmaxes flip against stage 1's), and they are a negligible share of the compute.
     """
 
     def __init__(self, visual: nn.Module, heads: nn.Module, mean: Sequence[float], std: Sequence[float]):
@@ -33,7 +36,9 @@ class SelfEnhancedModel(nn.Module):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads(F.normalize(self.visual(x).float(), dim=-1))
+        features = F.normalize(self.visual(x).float(), dim=-1)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.heads(features)
 
 
 def freeze_text_branch(heads: nn.Module) -> nn.Module:

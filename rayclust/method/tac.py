@@ -7,6 +7,8 @@ L = L_cc(P^v, Q^t) + L_cc(P^t, Q^v) + L_con(P^v, P^t) - lambda (H(mean P^t) + H(
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -38,8 +40,25 @@ class TACCriterion(nn.Module):
         return loss, {"distill": distill, "consistency": consistency, "entropy": entropy}
 
 
+# TAC's official training switches regime at K = 100 (train_head.py; ALGORITHM.md 3.9): with
+# K = 1000 clusters a batch of 512 holds about half a member per cluster and the cluster-level
+# contrast is nearly degenerate, so the batch, the epochs and the temperature all grow.
+LARGE_K = 100
+SMALL_K_DEFAULTS = {"epochs": 20, "batch_size": 512, "distill_temperature": 0.5}
+LARGE_K_DEFAULTS = {"epochs": 100, "batch_size": 8192, "distill_temperature": 5.0}
+
+
+def resolve_tac_config(cfg: TACConfig, n_clusters: int) -> TACConfig:
+    """`cfg` with every unset (None) regime value taken from TAC's official K < 100 or K >= 100
+    settings; values the user set are kept."""
+    defaults = LARGE_K_DEFAULTS if n_clusters >= LARGE_K else SMALL_K_DEFAULTS
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items()
+                                       if getattr(cfg, k) is None})
+
+
 class TACObjective:
     def __init__(self, cfg: TACConfig, n_clusters: int, gather_distributed: bool = False):
+        cfg = resolve_tac_config(cfg, n_clusters)
         self.cfg = cfg
         self.n_clusters = n_clusters
         self.epochs = cfg.epochs

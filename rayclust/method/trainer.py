@@ -5,9 +5,10 @@ device-side permutation and neighbours are drawn with tensor indexing (one `rand
 all anchors), never through a per-sample `__getitem__`. That is the gap PERFORMANCE.md measures
 between TAC's "one minute" and the compute floor.
 
-Data parallelism: with `world_size > 1` every rank draws the same global permutation (same seed)
-and iterates its own stride of it, so ranks see disjoint anchors and the same number of steps.
-The model may be wrapped in DDP by the caller; losses gather batch statistics themselves.
+Data parallelism: `batch_size` is the global batch. With `world_size > 1` every rank draws the
+same global permutation (same seed), cuts the same global batches and trains its own slice of
+each, so the run takes the same optimiser steps as one process, whatever the worker count. The
+model may be wrapped in DDP by the caller; losses gather batch statistics themselves.
 """
 
 from __future__ import annotations
@@ -104,15 +105,24 @@ def adam(params, **kwargs) -> torch.optim.Optimizer:
 
 def batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator,
             device: torch.device, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
-    """This rank's anchor batches of one epoch; every rank gets the same count."""
+    """This rank's anchor batches of one epoch. `batch_size` is the GLOBAL batch.
+
+    The epoch's global batches are cut from one permutation exactly as a single process would
+    cut them; rank r then takes the r-th of `world_size` equal slices of each. So 1 and W
+    workers take the same optimiser steps over the same global batches (the batch-statistic
+    terms gather the slices back, DDP averages the gradients), and every rank gets the same
+    count. A global batch whose slices would hold fewer than two rows (batch norm and the
+    contrastive terms need two) is skipped by every rank; a slice drops at most W-1 rows of a
+    trailing batch that W does not divide.
+    """
     perm = torch.randperm(n, generator=generator).to(device)
-    per_rank = n // world_size  # equal shares so collective calls line up on every rank
-    mine = perm[rank * per_rank:(rank + 1) * per_rank] if world_size > 1 else perm
-    count = len(mine) // batch_size if drop_last and len(mine) >= batch_size \
-        else math.ceil(len(mine) / batch_size)
-    out = [mine[i * batch_size:(i + 1) * batch_size] for i in range(count)]
-    if out and len(out[-1]) < 2:  # batch norm and contrastive terms need two samples
-        out.pop()
+    count = n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+    out = []
+    for i in range(count):
+        batch = perm[i * batch_size:(i + 1) * batch_size]
+        share = len(batch) // world_size
+        if share >= 2:
+            out.append(batch[rank * share:(rank + 1) * share])
     return out
 
 
@@ -201,6 +211,32 @@ def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) 
             sums[name] = value.clone()
 
 
+class StaticViews:
+    """Fixed-address copies of an epoch's views for a captured CUDA graph.
+
+    A graph reads its inputs from fixed addresses, so each epoch's views (N-long neighbour
+    draws) are copied into buffers made once. The copy runs only when the epoch hands over new
+    tensors, once per epoch, not per step (an N-long copy per step is 1.6 GB at N = 100M).
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._sources: dict[str, torch.Tensor] = {}
+        self.copies = 0  # how many tensors were copied (tests count them)
+
+    def update(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, value in views.items():
+            if self._sources.get(name) is value:
+                continue
+            if name not in self.buffers:
+                self.buffers[name] = value.clone()
+            else:
+                self.buffers[name].copy_(value)
+            self._sources[name] = value
+            self.copies += 1
+        return self.buffers
+
+
 class _GraphedStep:
     """A full-size training step captured once as a CUDA graph and replayed.
 
@@ -215,7 +251,8 @@ class _GraphedStep:
                  device: torch.device):
         self.obj, self.state, self.inputs = objective, state, inputs
         self.idx = torch.zeros(objective.batch_size, dtype=torch.long, device=device)
-        self.views: dict[str, torch.Tensor] = {}
+        self.static_views = StaticViews()
+        self.views: dict[str, torch.Tensor] = self.static_views.buffers
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
         self.warmed = 0
@@ -230,11 +267,7 @@ class _GraphedStep:
 
     def run(self, idx: torch.Tensor, views: dict, sums: dict[str, torch.Tensor]) -> None:
         self.idx.copy_(idx)
-        for name, value in views.items():
-            if name not in self.views:
-                self.views[name] = value.clone()
-            elif self.views[name].data_ptr() != value.data_ptr():
-                self.views[name].copy_(value)
+        self.static_views.update(views)
         optimizer = self.state.optimizer
         if self.graph is None and self.warmed < self.WARMUP:
             self.stream.wait_stream(torch.cuda.current_stream())

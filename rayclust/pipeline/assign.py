@@ -2,7 +2,10 @@
 
 assignments/part-*.parquet  id, uri, cluster, confidence, [label]
 clusters.parquet            cluster, size, name, top_nouns, [purity, majority_label]
-metrics.json                label-free scores always; ACC/NMI/ARI when labels exist
+metrics.json                label-free scores always; ACC/NMI/ARI when labels exist; the
+                            guard's candidates (`guard`: heads and kmeans, each with its
+                            selection score and standard error) and their paired comparison
+                            (`selection`)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from rayclust.config import Config
 from rayclust.method import ClusterResult
 from rayclust.method.metrics import label_metrics
 from rayclust.pipeline.run_directory import RunDirectory, part_name
-from rayclust.pipeline.stage1 import Corpus
+from rayclust.pipeline.corpus import Corpus
 
 
 def write_assignments(config: Config, run: RunDirectory, corpus: Corpus, result: ClusterResult
@@ -81,6 +84,8 @@ def write_outputs(config: Config, run: RunDirectory, corpus: Corpus, result: Clu
         metrics["classes"] = len(set(corpus.labels))
         if result.kmeans_labels is not None:
             metrics["kmeans_baseline_labels"] = label_metrics(corpus.labels, result.kmeans_labels)
+    if result.selection:
+        metrics["selection"] = result.selection
     metrics.update(extra or {})
     metrics["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run.write_json(run.metrics, metrics)

@@ -31,8 +31,9 @@ def prepare_demo_images(folder: str, seed: int = 0) -> str:
 
 
 def demo(config: Config, run_dir: str, images_dir: str | None = None) -> dict:
-    from rayclust.pipeline.run import run
+    from rayclust.pipeline.run import check_model, run
 
+    check_model(config)  # a mistyped model fails before 300 images are drawn and Ray starts
     folder = images_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)) or ".",
                                         "demo-images")
     config.input.path = prepare_demo_images(folder, config.seed)

@@ -90,7 +90,7 @@ def actor_resources(config: Config) -> tuple[int, float]:
     from rayclust.pipeline.ray_runtime import cluster_gpus
 
     e = config.embed
-    gpus = cluster_gpus()
+    gpus = cluster_gpus(config)
     per_actor = e.gpus_per_actor if e.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     actors = e.actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
     return actors, per_actor

@@ -8,27 +8,57 @@ import os
 from rayclust.config import Config
 
 
+# Whether ensure_ray connected this process to Ray (started a local cluster or joined one).
+# A caller that had connected already (a test session, a Ray job's driver) keeps its connection.
+_CONNECTED_HERE = False
+
+
 def ensure_ray(config: Config) -> None:
     """Join `ray.address` / RAY_ADDRESS, or start a local cluster; no-op when already connected.
 
     A local cluster inherits this process's environment, so S3 credentials from the standard
-    chain reach the workers without ever being written anywhere.
+    chain reach the workers without ever being written anywhere. It is started with
+    `address="local"`: a bare `ray.init()` would instead join whatever cluster a `ray start` on
+    this machine last recorded in /tmp/ray, which the config (`ray.address: null`) promises not to
+    do. Its processes listen on 127.0.0.1 only: nothing outside this machine needs to reach them.
     """
     import ray
 
+    global _CONNECTED_HERE
     if ray.is_initialized():
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING,
               "configure_logging": False}
+    _CONNECTED_HERE = True
     if address:
         ray.init(address=address, **kwargs)
     else:
         _local_workers_use_this_interpreter()
         # at least 4 logical CPUs: 2 training workers plus decode tasks fit on a small machine
-        ray.init(num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 4),
+        ray.init(address="local", _node_ip_address="127.0.0.1",
+                 num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 4),
                  runtime_env={"worker_process_setup_hook":
                               "rayclust.pipeline.ray_runtime.quiet_ray_internals"}, **kwargs)
+
+
+def shutdown_if_connected_here() -> None:
+    """Disconnect from Ray if `ensure_ray` connected, stopping the local cluster it started.
+
+    The CLI calls this in a `finally`, so the cluster is stopped while the command still runs,
+    after a user error too, instead of by Ray's atexit hook during interpreter shutdown (which
+    runs only after Python has joined any non-daemon thread still alive). A joined cluster is
+    only disconnected from, never stopped, and a connection made before the command (a test
+    session calling `cli.main`) is left alone.
+    """
+    global _CONNECTED_HERE
+    if not _CONNECTED_HERE:
+        return
+    _CONNECTED_HERE = False
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def quiet_ray_internals() -> None:
@@ -61,7 +91,26 @@ def configure_data(config: Config) -> None:
     ctx.execution_options.preserve_order = True
 
 
-def cluster_gpus() -> float:
+def cluster_resources(config: Config | None) -> dict[str, float]:
+    """The Ray cluster's total resources, joining or starting the cluster first.
+
+    The one place where rayclust asks Ray about the cluster (worker counts, GPU use, the
+    CPU-room check, encoder pools), so no path can query a cluster the command has not started:
+    `cluster-embeddings` used to reach `ray.cluster_resources()` before any `ray.init`. Without a
+    config the caller must have connected already.
+    """
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    if config is not None:
+        ensure_ray(config)
+    elif not ray.is_initialized():
+        raise RuntimeError("cluster_resources(None) before ensure_ray: pass the config")
+    return dict(ray.cluster_resources())
+
+
+def cluster_gpus(config: Config | None = None) -> float:
+    return float(cluster_resources(config).get("GPU", 0.0))
+
+
+def cluster_cpus(config: Config | None = None) -> float:
+    return float(cluster_resources(config).get("CPU", 0.0))

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
-import numpy as np
-import pyarrow as pa
 import torch
 
 from rayclust import storage
@@ -25,40 +22,10 @@ from rayclust.encoders import resolve_device
 from rayclust.method import ClusterResult, make_method
 from rayclust.method.kmeans import KMeansResult
 from rayclust.method.trainer import EpochLog, Stage1Inputs, TrainState
+from rayclust.pipeline.corpus import Corpus
 from rayclust.pipeline.progress import log
 from rayclust.pipeline.run_directory import RunDirectory
 from rayclust.pipeline.vocabulary import read_vocabulary
-from rayclust.tables import embedding_matrix
-
-
-@dataclass
-class Corpus:
-    """The embedded corpus in memory: ids, uris, optional labels, features (N, d)."""
-
-    ids: list[str]
-    uris: list[str | None]
-    labels: list[str] | None
-    features: np.ndarray
-
-    @classmethod
-    def read(cls, uri: str, options) -> "Corpus":
-        table = storage.read_parquet(uri, options)
-        if "embedding" not in table.column_names:
-            raise ConfigError(f"{uri} has no `embedding` column (columns: "
-                              f"{', '.join(table.column_names)})")
-        features = embedding_matrix(table["embedding"])
-        n = table.num_rows
-        ids = (table["id"].cast(pa.string()).to_pylist() if "id" in table.column_names
-               else [f"row-{i:09d}" for i in range(n)])
-        uris = table["uri"].to_pylist() if "uri" in table.column_names else [None] * n
-        labels = (table["label"].cast(pa.string()).to_pylist()
-                  if "label" in table.column_names else None)
-        if len(set(ids)) != n:
-            raise ConfigError(f"{uri}: the `id` column has duplicate values")
-        norms = np.linalg.norm(features, axis=1)
-        if n and (not np.isfinite(features).all() or (norms == 0).any()):
-            raise ConfigError(f"{uri}: some embeddings are zero, NaN or infinite")
-        return cls(ids, uris, labels, features)
 
 
 def _fingerprint(config: Config, corpus: Corpus, n_nouns: int, part: str) -> str:
@@ -70,6 +37,11 @@ def _fingerprint(config: Config, corpus: Corpus, n_nouns: int, part: str) -> str
                 "n": len(corpus.ids), "first": corpus.ids[:1], "last": corpus.ids[-1:],
                 "nouns": n_nouns, "part": part}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def estimator_batch_size(config: Config) -> int:
+    """The global batch stage 1 trains with (after defaults derived from K are filled in)."""
+    return make_method(config).objective().batch_size
 
 
 def method_device(config: Config) -> torch.device:
@@ -94,6 +66,11 @@ def train_stage1(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_u
     from rayclust.pipeline.train_runtime import worker_count
 
     workers = worker_count(config)
+    batch = estimator_batch_size(config)
+    if workers > 1 and batch // workers < 2:
+        raise ConfigError(f"{config.method}.batch_size {batch} is the global batch: split over "
+                          f"{workers} workers it leaves fewer than 2 rows per worker; raise it or "
+                          "lower train.workers")
     device = method_device(config)
     train_key = _fingerprint(config, corpus, len(nouns), "train")
     model_uri = storage.join(run.stage1, "model.pt")
@@ -126,12 +103,15 @@ def train_stage1(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_u
     summary = {"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
                "train_seconds": float(sum(h["seconds"] for h in history)),
                "nouns_in_text_space": int(len(estimator.nouns_used_)),
-               "device": str(device), "workers": workers}
+               "device": str(device), "workers": workers,
+               # the values used, after those left unset were derived (e.g. TAC's K >= 100 regime)
+               "hyperparameters": to_dict(estimator.objective().cfg)}
     if estimator.result_.source == "kmeans":
-        log.warning("stage 1: the language guard kept k-means (neighbour agreement %.3f vs heads "
-                    "%.3f): the vocabulary did not help on these features",
-                    estimator.result_.scores["kmeans"]["neighbour_agreement"],
-                    estimator.result_.scores["heads"]["neighbour_agreement"])
+        scores, sel = estimator.result_.scores, estimator.result_.selection
+        log.warning("stage 1: the language guard kept k-means (selection score %.4f vs heads "
+                    "%.4f, difference %+.4f +- %.4f: %s): the vocabulary did not help on these "
+                    "features", scores["kmeans"]["score"], scores["heads"]["score"],
+                    sel["difference"], sel["standard_error"], sel["reason"])
     run.mark_complete(run.stage1, summary)
     return estimator.result_, summary
 
@@ -142,7 +122,9 @@ def _global_pieces(config, run, corpus, estimator, u, e, n_nouns, device):
     global_uri = storage.join(run.stage1, "global.pt")
     global_key = _fingerprint(config, corpus, n_nouns, "global")
     if run.exists(global_uri):
-        cached = run.load_torch(global_uri)
+        # to the working device: a run resumed or repeated on another device than the one that
+        # wrote the cache (a GPU run re-run, a CPU cache read on a GPU) must not mix devices
+        cached = run.load_torch(global_uri, map_location=device)
         if cached.get("fingerprint") == global_key:
             inputs = Stage1Inputs(u, cached["text"], cached["image_neighbours"],
                                   cached["text_neighbours"])

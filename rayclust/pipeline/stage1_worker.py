@@ -1,11 +1,12 @@
 """The stage-1 training loop of one Ray Train worker.
 
 Every worker reads the embeddings and the cached global pieces, builds the same heads (same seed)
-and trains its share of each epoch's anchors (`Stage1Trainer` with rank/world size: every rank
-draws the same permutation and takes its own equal slice, so ranks run the same number of steps).
-The heads are wrapped in DDP; the method's batch-statistics terms (assignment and centre
-contrast, the balancing regulariser, TAC's entropy and cluster contrast) gather the rows of all
-workers, so they see the global batch exactly as one process with `workers x batch_size` would.
+and trains its slice of each global batch (`Stage1Trainer` with rank/world size: every rank
+draws the same permutation, cuts the same global batches of `batch_size` and takes its own equal
+slice of each, so the run takes the same steps whatever the worker count). The heads are wrapped
+in DDP; the method's batch-statistics terms (assignment and centre contrast, the balancing
+regulariser, TAC's entropy and cluster contrast) gather the slices of all workers, so they see
+the global batch exactly as one process with `batch_size` would.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from rayclust.pipeline.run_directory import RunDirectory
 def stage1_worker(cfg: dict) -> None:
     from ray.train.torch import prepare_model
 
-    from rayclust.pipeline.stage1 import Corpus, _log_epoch
+    from rayclust.pipeline.corpus import Corpus
+    from rayclust.pipeline.stage1 import _log_epoch
 
     train_runtime.quiet_worker()
     config = from_dict(cfg["config"])

@@ -1,13 +1,15 @@
 """SEIC stage 2 on Ray Train: fine-tune the vision encoder and the image head on the stage-1
 model's pseudo-labels (ALGORITHM.md 4.4), then assign every image with the fine-tuned model.
 
-The driver writes
+The driver writes (once per stage-2 settings, `stage2/prepared.json`)
     <run>/stage2/images.parquet          idx, id, uri: the embedded corpus with a dense index
     <run>/pseudo_labels/epoch-0000.parquet  the first table, from the stage-1 result
-and starts a `TorchTrainer` (stage2_worker) that streams the images by Ray Data, refreshes the
-table every `stage2.refresh_epochs`, checkpoints every epoch under `<run>/stage2/train-<key>/` and
-ends with one inference pass over the whole corpus: `pseudo_labels/epoch-<E>.parquet`, which
-becomes `assignments/`. A finished stage writes `<run>/stage2/_SUCCESS` and is skipped on
+and starts a `TorchTrainer` (stage2_worker). Each epoch every worker streams, through Ray Data
+decode tasks of its own, its equal share of that epoch's global permutation of the corpus
+(`method.sampling`; the manifest's URI order groups images by class). The table is refreshed
+every `stage2.refresh_epochs`, checkpoints go under `<run>/stage2/train-<key>/` every epoch, and
+the loop ends with one inference pass over the whole corpus: `pseudo_labels/epoch-<E>.parquet`,
+which becomes `assignments/`. A finished stage writes `<run>/stage2/_SUCCESS` and is skipped on
 re-runs with the same settings.
 """
 
@@ -26,6 +28,7 @@ from rayclust.method import ClusterResult
 from rayclust.method.metrics import label_free_scores
 from rayclust.method.naming import typical_nouns, unique_names
 from rayclust.method.pseudo_labels import PseudoLabelTable
+from rayclust.method.sampling import epoch_rows
 from rayclust.pipeline.progress import log
 from rayclust.pipeline.run_directory import RunDirectory
 
@@ -45,49 +48,96 @@ def _fingerprint(config: Config, stage1_key: str, n: int) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def images_dataset(config: Config, run: RunDirectory, preprocess, rank: int | None = None,
-                   world: int | None = None):
-    """Ray Data stream of (idx, pixels uint8 at the model's input size, ok), decoded by CPU tasks.
+# Decode parallelism comes from the number of input blocks; more blocks than this only add
+# per-block puts and metadata tasks (each epoch of each worker builds its own stream).
+_MAX_BLOCKS = 1024
 
-    Without `world`: the whole corpus, the training input that Ray Train splits across the
-    workers. With it: the rows with idx % world == rank, one worker's share of a table refresh
-    (not the training split, which may drop up to world-1 tail rows, RAY.md 2.3).
-    The (idx, uri) rows start as in-memory Arrow blocks of `embed.decode_batch_size` rows
-    (~100 bytes a row); on this scale that avoids a file-listing and read stage per epoch."""
+
+def rows_dataset(config: Config, rows: pa.Table, preprocess):
+    """Ray Data stream of (idx, pixels uint8 at the model's input size, ok) for `rows`
+    (idx, uri), decoded by CPU tasks. The rows start as in-memory Arrow blocks of at least
+    `embed.decode_batch_size` rows (~100 bytes a row), each a contiguous run of `rows`: on this
+    scale that avoids a file-listing and read stage per stream."""
     import ray
 
     from rayclust.pipeline.decode import decode_pixels
 
     e = config.embed
-    rows = run.read_table(images_uri(run), ["idx", "uri"])
-    if world is not None:
-        rows = rows.filter(pa.array(rows["idx"].to_numpy() % world == rank))
-    blocks = [rows.slice(i, e.decode_batch_size)
-              for i in range(0, rows.num_rows, e.decode_batch_size)]
+    size = max(e.decode_batch_size, -(-rows.num_rows // _MAX_BLOCKS))
+    blocks = [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
     ds = ray.data.from_arrow(blocks or [rows])
     return ds.map_batches(decode_pixels, batch_size=e.decode_batch_size, batch_format="numpy",
                           num_cpus=e.decode_cpus, memory=e.decode_memory_mb * 2**20 or None,
                           fn_kwargs={"options": config.storage, "preprocess": preprocess})
 
 
-def prepare(config: Config, run: RunDirectory, corpus, stage1: ClusterResult) -> dict:
-    """Write the dense image index and the first table (from stage 1); the workers' config."""
+def read_images(run: RunDirectory, uri: str | None = None) -> pa.Table:
+    """images.parquet (idx, id, uri), checked to be in idx order (row i is image i)."""
+    images = run.read_table(uri or images_uri(run), ["idx", "id", "uri"])
+    if not np.array_equal(images["idx"].to_numpy(), np.arange(images.num_rows)):
+        raise RuntimeError(f"{uri or images_uri(run)} is not the dense index 0..N-1 in order")
+    return images
+
+
+def images_dataset(config: Config, run: RunDirectory, preprocess, rank: int, world: int,
+                   images: pa.Table | None = None):
+    """One worker's share of a table refresh: the rows with idx % world == rank, each exactly
+    once (not a training share, which repeats a few rows to even out the steps)."""
+    rows = read_images(run) if images is None else images
+    rows = rows.select(["idx", "uri"])
+    return rows_dataset(config, rows.filter(pa.array(rows["idx"].to_numpy() % world == rank)),
+                        preprocess)
+
+
+def epoch_dataset(config: Config, images: pa.Table, preprocess, epoch: int, rank: int,
+                  world: int):
+    """One worker's training stream for `epoch`: its share of that epoch's global permutation
+    (`method.sampling.epoch_rows`), `steps_per_epoch * stage2.batch_size` rows. Ray Data does not
+    preserve the order across blocks, but every block is a random draw from the corpus, so the
+    composition of each batch is as random as the permutation."""
+    order = epoch_rows(images.num_rows, config.stage2.batch_size, config.seed, epoch, rank, world)
+    return rows_dataset(config, images.select(["idx", "uri"]).take(order), preprocess)
+
+
+def epoch_batches(config: Config, dataset, steps: int):
+    """The `steps` batches (dicts of numpy arrays, `stage2.batch_size` rows each) of an epoch's
+    stream; raises if the stream ends early (a silent short epoch would leave the other ranks
+    waiting in a collective)."""
+    batches = dataset.iter_batches(batch_size=config.stage2.batch_size, batch_format="numpy",
+                                   drop_last=True)
+    count = 0
+    for batch in batches:
+        if count == steps:
+            break
+        count += 1
+        yield batch
+    if count < steps:
+        raise RuntimeError(f"the epoch's image stream gave {count} batches, expected {steps}")
+
+
+def prepare(config: Config, run: RunDirectory, corpus, stage1: ClusterResult,
+            key: str | None = None) -> dict:
+    """Write the dense image index and the first table (from stage 1); the workers' config.
+
+    Both are written once per stage-2 training `key` (recorded in `stage2/prepared.json`): a
+    resume must find the very table its checkpoints hashed, and stage 1's result recomputed on
+    another device can differ in the last bits of a confidence."""
     n = len(corpus.ids)
-    run.write_table(pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)),
-                              "id": pa.array(corpus.ids, pa.string()),
-                              "uri": pa.array(corpus.uris, pa.string())}), images_uri(run))
-    first = PseudoLabelTable.from_predictions(torch.as_tensor(stage1.labels, dtype=torch.long),
-                                              torch.as_tensor(stage1.confidence))
-    run.write_table(first.to_arrow(corpus.ids), table_uri(run, 0))
+    marker = storage.join(run.stage2, "prepared.json")
+    done = run.read_json(marker) if run.exists(marker) else {}
+    if not (key is not None and done.get("key") == key and run.exists(images_uri(run))
+            and run.exists(table_uri(run, 0))):
+        run.write_table(pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)),
+                                  "id": pa.array(corpus.ids, pa.string()),
+                                  "uri": pa.array(corpus.uris, pa.string())}), images_uri(run))
+        first = PseudoLabelTable.from_predictions(
+            torch.as_tensor(stage1.labels, dtype=torch.long), torch.as_tensor(stage1.confidence))
+        run.write_table(first.to_arrow(corpus.ids), table_uri(run, 0))
+        done = {"key": key, "first_table_hash": first.hash(), "n": n}
+        run.write_json(marker, done)
     return {"config": to_dict(config), "run": run.root, "images": images_uri(run),
             "stage1_model": storage.join(run.stage1, "model.pt"),
-            "first_table": table_uri(run, 0)}
-
-
-def training_images(config: Config, run: RunDirectory):
-    from rayclust.pipeline.embed import describe_encoder
-
-    return images_dataset(config, run, describe_encoder(config).preprocess)
+            "first_table": table_uri(run, 0), "first_table_hash": done["first_table_hash"]}
 
 
 def run_stage2(config: Config, run: RunDirectory, corpus, stage1: ClusterResult,
@@ -115,14 +165,16 @@ def run_stage2(config: Config, run: RunDirectory, corpus, stage1: ClusterResult,
             log.info("stage 2: already complete (%s)", marker)
             return _result(config, run, corpus, done, vocabulary_uri), done
 
-    loop_config = prepare(config, run, corpus, stage1)
+    loop_config = prepare(config, run, corpus, stage1, key)
     workers = train_runtime.worker_count(config, minimum=1)
+    # the workers build their own decode streams, so `fit` sees no dataset: check the room here
+    train_runtime.check_room(config, workers, decode=True)
     log.info("stage 2: fine-tuning (%s adapter) on %d Ray Train worker(s), %d epoch(s), "
              "pseudo-labels refreshed %s", config.stage2.adapter, workers, config.stage2.epochs,
              f"every {config.stage2.refresh_epochs} epoch(s)" if config.stage2.refresh_epochs
              else "online per batch")
     train_runtime.fit(stage2_worker, loop_config, config, run, run.stage2, f"train-{key}",
-                      workers, datasets={"train": training_images(config, run)})
+                      workers)
     summary = run.read_json(storage.join(run.stage2, "final.json"))
     summary.update(fingerprint=key, epochs=config.stage2.epochs, workers=workers)
     run.mark_complete(run.stage2, summary)

@@ -2,12 +2,19 @@
 
 Model: the open_clip vision tower with an adapter (`stage2.adapter`), followed by the stage-1
 image head; the text tower and text head stay frozen. Each step takes a batch of uint8 images
-from this worker's Ray Data shard, makes the strong view on the device, and minimises the
+from this worker's stream for the epoch, makes the strong view on the device, and minimises the
 confidence-weighted cross-entropy against the pseudo-label table (or, with `refresh_epochs: 0`,
 against online labels from the batch's weak view).
 
+The data. Each epoch every worker builds its own Ray Data stream (CPU decode tasks) of its equal
+share of one global permutation drawn from (seed, epoch) (`method.sampling.epoch_rows`), so
+batches mix the whole corpus whatever the manifest order, every rank runs the same number of
+steps, and a resumed epoch trains on the same rows. Ray Train's dataset split is not used: it
+cannot reshuffle globally per epoch, and its local shuffle buffer barely mixes a class-sorted
+corpus.
+
 The table. Every `refresh_epochs` epochs each worker predicts the images it owns
-(idx % world == rank; a Ray Data stream of its own, because the training split may drop tail
+(idx % world == rank; a Ray Data stream of its own, because the training shares repeat a few
 rows) and the workers all-reduce dense (N,) buffers, so every worker ends with the identical table
 (checked: every image predicted exactly once). Rank 0 writes `pseudo_labels/epoch-<e>.parquet`;
 every rank writes the hash it holds to `stage2/sync/`. Checkpoints name the table in use and its
@@ -18,7 +25,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +34,7 @@ from rayclust.method import make_method
 from rayclust.method.adapters import adapter_state_dict, apply_adapter, load_adapter_state_dict
 from rayclust.method.augment import StrongAugment
 from rayclust.method.pseudo_labels import ConfidenceEMA, PseudoLabelTable
+from rayclust.method.sampling import steps_per_epoch
 from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, compile_tower,
                                           freeze_text_branch, make_optimizer, predict_uint8,
                                           trainable_parameters)
@@ -55,7 +62,10 @@ class _Worker:
         self.run = RunDirectory(cfg["run"], config.storage)
         self.rank, self.world = train_runtime.rank_and_size()
         self.device = train_runtime.device()
-        self.ids = self.run.read_table(cfg["images"], ["id"])["id"].to_pylist()
+        from rayclust.pipeline.stage2 import read_images
+
+        self.images = read_images(self.run, cfg["images"])
+        self.ids = self.images["id"].to_pylist()
         encoder = _load(config, str(self.device))
         self.preprocess = encoder.preprocess
         self.mean, self.std = encoder.preprocess.mean, encoder.preprocess.std
@@ -90,6 +100,8 @@ class _Worker:
         saved = train_runtime.restored_state(self.device)
         if saved is None:
             table = self.read_table(self.cfg["first_table"])
+            if table.hash() != self.cfg["first_table_hash"]:
+                raise RuntimeError(f"{self.cfg['first_table']} changed since stage 2 was prepared")
             return 0, 0, table
         load_adapter_state_dict(self.visual, saved["adapter"])
         self.heads.load_state_dict(saved["heads"])
@@ -120,7 +132,8 @@ class _Worker:
         seen = torch.zeros(n, dtype=torch.int32)
         failed = torch.zeros(n, dtype=torch.int32)
         model = train_runtime.unwrap(self.model)
-        dataset = images_dataset(self.config, self.run, self.preprocess, self.rank, self.world)
+        dataset = images_dataset(self.config, self.run, self.preprocess, self.rank, self.world,
+                                 self.images)
         for batch in dataset.iter_batches(batch_size=self.s2.inference_batch_size,
                                           batch_format="numpy"):
             idx, ok = torch.as_tensor(batch["idx"].copy()), torch.as_tensor(batch["ok"].copy())
@@ -156,26 +169,21 @@ class _Worker:
 
     # -- one epoch
     def train_epoch(self, epoch: int, table: PseudoLabelTable, step: SelfEnhanceStep) -> dict:
-        import ray.train
+        from rayclust.pipeline.stage2 import epoch_batches, epoch_dataset
 
-        s2 = self.s2
-        shard = ray.train.get_dataset_shard("train")
-        batches = iter(shard.iter_batches(batch_size=s2.batch_size, batch_format="numpy",
-                                          drop_last=True,
-                                          local_shuffle_buffer_size=s2.shuffle_buffer or None))
+        s2, k = self.s2, self.config.clusters
+        steps = steps_per_epoch(len(self.ids), s2.batch_size, self.world)
+        dataset = epoch_dataset(self.config, self.images, self.preprocess, epoch, self.rank,
+                                self.world)
         generator = torch.Generator().manual_seed(
             (self.config.seed * 1_000_003 + epoch) * 1009 + self.rank)
-        started, steps, images = time.perf_counter(), 0, 0
-        sums = torch.zeros(2, device=self.device)  # loss, mean weight: summed on the device
+        started, images = time.perf_counter(), 0
+        # loss, mean weight, largest pseudo-label share of the batch: summed on the device
+        sums = torch.zeros(3, device=self.device)
         self.model.train()
-        while True:
-            batch = next(batches, None)
-            # Ranks can see different batch counts (RAY.md 2.3); all stop at the first rank
-            # that runs out, so no collective waits on a rank that has finished.
-            more = _all_reduce(torch.tensor([int(batch is not None)]), self.device,
-                               dist.ReduceOp.MIN if dist.is_initialized() else None)
-            if batch is None or not int(more):
-                break
+        # every rank has exactly `steps` full batches (epoch_rows), so the collectives of the
+        # steps line up without a per-step agreement
+        for batch in epoch_batches(self.config, dataset, steps):
             idx = torch.as_tensor(batch["idx"].copy())
             ok = torch.as_tensor(batch["ok"].copy()).float()
             pixels = torch.from_numpy(batch["pixels"]).to(self.device, non_blocking=True)
@@ -183,15 +191,19 @@ class _Worker:
                 labels, weights = step.online(pixels, self.ema)
             else:
                 labels, weights = table.labels[idx], table.weight[idx]
+            labels = labels.to(self.device)
             weights = weights.to(self.device) * ok.to(self.device)
-            out = step(pixels, labels.to(self.device), weights, generator)
-            sums += torch.stack([out["loss"].float(), weights.float().mean()])
-            steps += 1
+            out = step(pixels, labels, weights, generator)
+            # scatter_add, not bincount: bincount's output size costs a host sync on CUDA
+            counts = torch.zeros(k, device=self.device).scatter_add_(
+                0, labels, torch.ones(len(labels), device=self.device))
+            majority = counts.max() / len(idx)
+            sums += torch.stack([out["loss"].float(), weights.float().mean(), majority.float()])
             images += len(idx)
         seconds = time.perf_counter() - started
-        loss, mean_weight = (sums / max(steps, 1)).tolist()
+        loss, mean_weight, majority = (sums / max(steps, 1)).tolist()
         return {"epoch": epoch, "steps": steps, "loss": loss, "mean_weight": mean_weight,
-                "seconds": seconds,
+                "batch_majority_share": majority, "seconds": seconds,
                 "images_per_second_per_worker": images / seconds if seconds else 0.0}
 
 

@@ -24,30 +24,33 @@ STATE_FILE = "state.pt"
 
 
 def worker_count(config: Config, minimum: int = 0) -> int:
-    """Workers for a stage: `train.workers`, else one per GPU, else 0 (in the driver)."""
+    """Workers for a stage: `train.workers`, else one per GPU, else 0 (in the driver).
+
+    Counting GPUs joins or starts the Ray cluster first (ray_runtime.cluster_resources).
+    """
     from rayclust.pipeline.ray_runtime import cluster_gpus
 
     if config.train.workers is not None:
         return max(config.train.workers, minimum)
-    return max(int(cluster_gpus()), minimum)
+    return max(int(cluster_gpus(config)), minimum)
 
 
 def uses_gpu(config: Config) -> bool:
     from rayclust.pipeline.ray_runtime import cluster_gpus
 
     if config.train.use_gpu is not None:
-        if config.train.use_gpu and not cluster_gpus():
+        if config.train.use_gpu and not cluster_gpus(config):
             raise ConfigError("train.use_gpu is true but the Ray cluster has no GPU")
         return config.train.use_gpu
-    return cluster_gpus() > 0
+    return cluster_gpus(config) > 0
 
 
 def check_room(config: Config, workers: int, decode: bool) -> None:
     """Fail with a message instead of hanging when the workers would leave no CPU for the Ray
     Data decode tasks that feed them (Ray would wait for a CPU forever)."""
-    import ray
+    from rayclust.pipeline.ray_runtime import cluster_cpus
 
-    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    cpus = cluster_cpus(config)
     need = workers * config.train.cpus_per_worker + (config.embed.decode_cpus if decode else 0)
     if need > cpus:
         raise ConfigError(

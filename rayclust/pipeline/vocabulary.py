@@ -30,12 +30,22 @@ def vocabulary_table(nouns: list[str], matrix: np.ndarray) -> pa.Table:
 
 
 def read_vocabulary(uri: str, options) -> tuple[list[str], np.ndarray]:
-    table = storage.read_parquet(uri, options)
+    """(nouns, (n, D) matrix); a file that is not a usable vocabulary is a user error."""
+    try:
+        table = storage.read_parquet(uri, options)
+    except pa.ArrowException as exc:  # not Parquet at all (magic bytes, footer)
+        raise ConfigError(f"vocabulary {uri} is not a readable Parquet file ({exc})") from None
     missing = {"noun", "embedding"} - set(table.column_names)
     if missing:
         raise ConfigError(f"vocabulary {uri} lacks column(s) {', '.join(sorted(missing))}; "
                           "expected (noun, embedding)")
-    return table["noun"].to_pylist(), embedding_matrix(table["embedding"])
+    try:
+        matrix = embedding_matrix(table["embedding"])
+    except ValueError as exc:  # ragged, null or non-numeric vectors
+        raise ConfigError(f"vocabulary {uri}: {exc}") from None
+    if not len(matrix):
+        raise ConfigError(f"vocabulary {uri} has no rows")
+    return table["noun"].to_pylist(), matrix
 
 
 def _cache_uri(config: Config, cache_key: str, nouns: list[str]) -> str:

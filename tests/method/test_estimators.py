@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -67,9 +69,58 @@ def test_seic_with_guard_reports_both_candidates():
     res = model.result_
     assert res.source in ("heads", "kmeans")
     assert set(res.scores) == {"heads", "kmeans"}
+    for scores in res.scores.values():
+        # the selection score with its error bar, and the keys older readers use
+        assert {"score", "score_image", "score_text", "standard_error", "degenerate",
+                "neighbour_agreement", "size_entropy_normalized"} <= set(scores)
+    assert "mean_confidence" in res.scores["heads"]
+    sel = res.selection
+    assert sel["chosen"] == res.source
+    assert {"difference", "standard_error", "z", "margin", "reason", "anchors",
+            "neighbours", "temperature"} <= set(sel)
+    assert sel["difference"] == pytest.approx(res.scores["kmeans"]["score"]
+                                              - res.scores["heads"]["score"])
+    # metrics.json carries both as they are: plain JSON values that survive a round trip
+    assert json.loads(json.dumps([res.scores, sel])) == [res.scores, sel]
     assert res.kmeans_labels.shape == (90,)
     assert cluster_accuracy(y, model.labels_) == 1.0
     assert cluster_accuracy(y, model.predict(u)) == 1.0
+
+
+def _kept_kmeans(monkeypatch, device, centroid_device, centroid_dtype=torch.float32):
+    """An estimator whose guard kept a k-means fit handed in from elsewhere (a cache written on
+    another device, or in another precision), finished the way the pipeline finishes it."""
+    import rayclust.method.estimators as estimators
+    from rayclust.method.kmeans import spherical_kmeans
+
+    u, y, nouns, names = planted(seed=2)
+    model = SEIC(3, _seic_cfg(epochs=2), kmeans=FAST_KMEANS, device=device,
+                 guard=GuardConfig(sample=100, neighbours=5)).fit(u, nouns, names)
+    ut = torch.nn.functional.normalize(torch.tensor(u), dim=1)
+    fit = spherical_kmeans(ut, 3, seed=0, restarts=5)
+    fit.centroids = fit.centroids.to(centroid_device, centroid_dtype)
+    fit.labels = fit.labels.to(centroid_device)
+    monkeypatch.setattr(estimators, "prefer_alternative", lambda cmp, margin: (True, "forced"))
+    e = torch.nn.functional.normalize(torch.tensor(nouns), dim=1)
+    model.result_ = model.finish(ut.to(device), e.to(device), names, fit)
+    np.testing.assert_array_equal(model.labels_, fit.labels.cpu().numpy())
+    return model, u, y
+
+
+def test_kept_kmeans_centroids_follow_the_features(monkeypatch):
+    # float64 centroids against float32 features failed in finish and predict (the same
+    # mismatch as CPU centroids against CUDA features, testable without a GPU)
+    model, u, y = _kept_kmeans(monkeypatch, "cpu", "cpu", torch.float64)
+    assert model.result_.source == "kmeans"
+    np.testing.assert_array_equal(model.predict(u), model.labels_)
+    assert (model.result_.confidence > 1 / 3).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_kmeans_from_a_cpu_cache_on_cuda(monkeypatch):
+    model, u, y = _kept_kmeans(monkeypatch, "cuda", "cpu")
+    assert model.result_.source == "kmeans"
+    np.testing.assert_array_equal(model.predict(u), model.labels_)
 
 
 def test_dimension_mismatch_and_too_few_images_raise():

@@ -91,18 +91,41 @@ def test_arrow_roundtrip_reorders_and_validates():
 
 def test_confidence_ema():
     ema = ConfidenceEMA(n_clusters=4, momentum=0.9)
-    assert float(ema.mean) == 0.25 and float(ema.var) == 1.0
-    c = torch.tensor([0.3, 0.5, 0.7, 0.9])
-    ema.update(c)
-    assert float(ema.mean) == pytest.approx(0.9 * 0.25 + 0.1 * 0.6)
-    assert float(ema.var) == pytest.approx(0.9 * 1.0 + 0.1 * float(c.var()))
-    assert torch.equal(ema.weights(c), soft_weights(c, float(ema.mean), float(ema.var)))
+    assert float(ema.mean) == 0.25 and float(ema.var) == 1.0 and not bool(ema.initialised)
     ema.update(torch.tensor([0.4]))  # a single value carries no variance: ignored
-    assert float(ema.mean) == pytest.approx(0.285)
+    assert float(ema.mean) == 0.25 and not bool(ema.initialised)
+    first = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    ema.update(first)  # the first batch sets the statistics
+    assert float(ema.mean) == pytest.approx(0.6) and float(ema.var) == pytest.approx(float(first.var()))
+    c = torch.tensor([0.2, 0.4, 0.4, 0.6])
+    ema.update(c)  # then the EMA runs
+    assert float(ema.mean) == pytest.approx(0.9 * 0.6 + 0.1 * 0.4)
+    assert float(ema.var) == pytest.approx(0.9 * float(first.var()) + 0.1 * float(c.var()))
+    assert torch.equal(ema.weights(c), soft_weights(c, float(ema.mean), float(ema.var)))
+    ema.update(torch.tensor([0.4]))  # still ignored
+    assert float(ema.mean) == pytest.approx(0.58)
     clone = ConfidenceEMA(n_clusters=4, momentum=0.9)
     clone.load_state_dict(ema.state_dict())
     assert float(clone.mean) == float(ema.mean) and float(clone.var) == float(ema.var)
+    assert bool(clone.initialised)
     assert ConfidenceEMA(10).momentum == 0.999
+
+
+def test_online_weights_start_from_the_first_batch():
+    """Issue 10 item 5: with SoftMatch's prior (mean 1/K, var 1) and momentum 0.999, a confident
+    stage-1 model got weight ~1 on every image for thousands of steps; from the first batch on,
+    the below-average half of a batch is down-weighted."""
+    g = torch.Generator().manual_seed(0)
+    ema = ConfidenceEMA(n_clusters=10)
+    weights = []
+    for _ in range(5):
+        c = 0.5 + 0.5 * torch.rand(256, generator=g)  # a trained model: well above 1/K
+        ema.update(c)
+        weights.append(ema.weights(c))
+    assert float(ema.mean) == pytest.approx(0.75, abs=0.03)
+    for w in weights:
+        assert float((w < 0.9).float().mean()) > 0.25
+        assert 0.6 < float(w.mean()) < 0.95
 
 
 def test_weighted_cross_entropy():

@@ -150,3 +150,17 @@ def test_prepare_tac_shapes_and_tables():
     assert not (inputs.image_neighbours == rows).any()
     assert not (inputs.text_neighbours == rows).any()
     assert len(selected) <= 15
+
+
+@pytest.mark.parametrize("k, expected", [(10, (20, 512, 0.5)), (99, (20, 512, 0.5)),
+                                         (100, (100, 8192, 5.0)), (1000, (100, 8192, 5.0))])
+def test_regime_follows_k_when_unset(k, expected):
+    """TAC's official training switches to 100 epochs, batch 8,192 and tau-hat 5.0 at K >= 100."""
+    obj = TACObjective(TACConfig(), n_clusters=k)
+    assert (obj.epochs, obj.batch_size, obj.cfg.distill_temperature) == expected
+    _, criterion = obj.build(8)
+    assert criterion.distill.temperature == expected[2]
+    # what the user set is kept in either regime
+    mine = TACObjective(TACConfig(epochs=3, batch_size=256, distill_temperature=1.5), k)
+    assert (mine.epochs, mine.batch_size, mine.cfg.distill_temperature) == (3, 256, 1.5)
+    assert TACConfig().batch_size is None  # the config itself stays unset: derived per K

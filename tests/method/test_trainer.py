@@ -52,18 +52,45 @@ def test_batches_examples():
     assert not torch.equal(torch.cat(a), torch.cat(batches(20, 6, False, _gen(4), CPU)))
 
 
-@pytest.mark.parametrize("n,bs,drop_last", [(11, 2, False), (11, 2, True), (20, 3, False),
-                                            (21, 4, True), (7, 5, False), (5, 2, False)])
-def test_batches_two_ranks_disjoint_equal_shares(n, bs, drop_last):
+@pytest.mark.parametrize("n,bs,drop_last", [(11, 4, False), (11, 4, True), (20, 6, False),
+                                            (21, 4, True), (7, 5, False), (5, 4, False),
+                                            (23, 8, False)])
+def test_batches_two_ranks_split_the_global_batches(n, bs, drop_last):
+    """batch_size is the global batch: two ranks take the two halves of each batch one process
+    would train, so they run the same steps over the same anchors."""
+    single = batches(n, bs, drop_last, _gen(5), CPU)
     r0 = batches(n, bs, drop_last, _gen(5), CPU, rank=0, world_size=2)
     r1 = batches(n, bs, drop_last, _gen(5), CPU, rank=1, world_size=2)
     assert len(r0) == len(r1), "ranks would disagree on the number of collective steps"
     assert [len(b) for b in r0] == [len(b) for b in r1]
-    a = set(torch.cat(r0).tolist()) if r0 else set()
-    b = set(torch.cat(r1).tolist()) if r1 else set()
-    assert not a & b
-    assert len(a) == len(b)
     assert all(len(x) >= 2 for x in r0 + r1)
+    whole = [b for b in single if len(b) // 2 >= 2]  # a batch too small to split is skipped
+    assert len(r0) == len(whole)
+    for a, b, g in zip(r0, r1, whole):
+        assert not set(a.tolist()) & set(b.tolist())
+        assert set(a.tolist()) | set(b.tolist()) <= set(g.tolist())
+        assert len(g) - len(a) - len(b) <= 1  # at most world-1 rows of an odd batch left out
+    full = [b for b in single if len(b) == bs]
+    assert [len(b) for b in r0[:len(full)]] == [bs // 2] * len(full)
+
+
+def test_static_views_copy_once_per_epoch_not_per_step():
+    """The CUDA-graph step's view buffers are refreshed only when an epoch hands over new
+    tensors (the old check compared a buffer with itself and copied N rows every step)."""
+    from rayclust.method.trainer import StaticViews
+
+    views = StaticViews()
+    epoch1 = {"text_neighbour": torch.arange(10), "image_neighbour": torch.arange(10) + 1}
+    buffers = views.update(epoch1)
+    address = buffers["text_neighbour"].data_ptr()
+    for _ in range(5):  # the steps of one epoch
+        assert views.update(epoch1) is buffers
+    assert views.copies == 2
+    epoch2 = {"text_neighbour": torch.arange(10) * 2, "image_neighbour": torch.arange(10) * 3}
+    views.update(epoch2)
+    assert views.copies == 4
+    assert buffers["text_neighbour"].data_ptr() == address  # the graph's fixed address
+    assert torch.equal(buffers["text_neighbour"], epoch2["text_neighbour"])
 
 
 def _toy(n_per=20, k=3, d=8, seed=0):

@@ -146,6 +146,34 @@ def test_tac_method_runs(finished_run, tmp_path):
                                  emb, vocab)
     assert outputs["metrics_values"]["method"] == "tac"
     assert outputs["metrics_values"]["stage1"]["epochs"] == 2
+    # the values used, with those left unset derived from K (TAC's K < 100 regime)
+    used = outputs["metrics_values"]["stage1"]["hyperparameters"]
+    assert (used["epochs"], used["batch_size"], used["distill_temperature"]) == (2, 16, 0.5)
+
+
+def test_cached_global_pieces_load_to_the_working_device(finished_run):
+    """A repeat or resume on another device reads `stage1/global.pt` onto that device (it was
+    read to the CPU, and a CUDA run then multiplied CUDA features by CPU centroids). The `meta`
+    device stands in for a GPU here; tests/test_gpu.py repeats a run on CUDA."""
+    import torch
+
+    from rayclust.method import make_method
+    from rayclust.pipeline.corpus import Corpus
+    from rayclust.pipeline.run_directory import RunDirectory
+    from rayclust.pipeline.stage1 import _global_pieces
+    from rayclust.pipeline.vocabulary import read_vocabulary
+
+    config, run_dir, _ = finished_run
+    run_directory = RunDirectory(run_dir, config.storage)
+    corpus = Corpus.read(os.path.join(run_dir, "embeddings"), config.storage)
+    nouns, matrix = read_vocabulary(os.path.join(run_dir, "vocabulary"), config.storage)
+    estimator = make_method(config)
+    u, e = torch.tensor(corpus.features), torch.tensor(matrix)
+    inputs, kmeans_fit = _global_pieces(config, run_directory, corpus, estimator, u, e,
+                                        len(nouns), torch.device("meta"))
+    assert inputs.text.device.type == "meta"
+    assert estimator.nouns_used_.device.type == "meta"
+    assert kmeans_fit.centroids.device.type == "meta" and kmeans_fit.labels.device.type == "meta"
 
 
 def test_cluster_embeddings_from_precomputed(finished_run, tmp_path):

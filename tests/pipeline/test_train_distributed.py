@@ -24,7 +24,7 @@ pytestmark = pytest.mark.ray
 
 STAGE2 = {"train.workers": 2, "seic.epochs": 2, "stage2.enabled": "true", "stage2.epochs": 2,
           "stage2.batch_size": 4,
-          "stage2.lora_rank": 4, "stage2.inference_batch_size": 8, "stage2.shuffle_buffer": 8,
+          "stage2.lora_rank": 4, "stage2.inference_batch_size": 8,
           # random tiny encoder: the guard would rightly keep k-means and skip stage 2
           "guard.enabled": "false", "embed.decode_batch_size": 8}
 
