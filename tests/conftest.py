@@ -95,10 +95,12 @@ def ray_cluster(s3_server):
     environment, so its workers inherit them)."""
     import ray
 
-    from rayclust.pipeline.ray_runtime import _local_workers_use_this_interpreter
+    from rayclust.pipeline.ray_runtime import (_local_workers_use_this_interpreter,
+                                               local_cluster_on_loopback)
 
     if not ray.is_initialized():
         _local_workers_use_this_interpreter()
+        local_cluster_on_loopback()
         # a cluster of its own ("local": never one a `ray start` left behind), on loopback only
         ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4,
                  include_dashboard=False, configure_logging=False, logging_level="WARNING")

@@ -199,28 +199,30 @@ def test_cluster_embeddings_encodes_the_vocabulary(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_run_command(tmp_path, images):
+def test_embed_then_run_commands(tmp_path, images):
+    """`embed` alone, then `run` over the same run directory (it finds the embeddings and does
+    not embed again): both command shapes, each in its own fresh process."""
+    r = rayclust("embed", "--input", images, "--run-dir", "out", *TINY,
+                 "--set", "input.labels=from_folder", cwd=tmp_path)
+    assert r.code == 0, r.err[-3000:]
+    assert "18 images embedded, 1 skipped" in r.out
+    run = tmp_path / "out"
+    assert _rows(str(run / "embeddings")) == 18 and _rows(str(run / "errors")) == 1
+    assert _rows(str(run / "manifest")) == 19
+    assert not (run / "assignments").exists()
+    embedded = sorted(os.listdir(run / "embeddings"))
+    stamps = {name: os.stat(run / "embeddings" / name).st_mtime_ns for name in embedded}
+
     config = tmp_path / "folder.yaml"
     config.write_text(f"input:\n  path: {images}\n  labels: from_folder\n")
-    r = rayclust("run", str(config), *TINY, cwd=tmp_path)
+    r = rayclust("run", str(config), "--run-dir", "out", *TINY, cwd=tmp_path)
     assert r.code == 0, r.err[-3000:]
-    run = tmp_path / "runs" / "folder"
     assert _rows(str(run / "assignments")) == 18 and _rows(str(run / "errors")) == 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["images"] == 18 and metrics["errors"] == 1
     assert "18 images -> 3 clusters" in r.out and "1 input(s) skipped" in r.out
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_embed_command(tmp_path, images):
-    r = rayclust("embed", "--input", images, "--run-dir", "emb", *TINY, cwd=tmp_path)
-    assert r.code == 0, r.err[-3000:]
-    assert "18 images embedded, 1 skipped" in r.out
-    run = tmp_path / "emb"
-    assert _rows(str(run / "embeddings")) == 18 and _rows(str(run / "errors")) == 1
-    assert _rows(str(run / "manifest")) == 19
-    assert not (run / "assignments").exists()
+    assert "labels" in metrics  # the manifest listed by `embed` kept the folder labels
+    assert {n: os.stat(run / "embeddings" / n).st_mtime_ns for n in embedded} == stamps
 
 
 @pytest.mark.slow

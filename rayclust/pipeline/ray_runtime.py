@@ -35,6 +35,7 @@ def ensure_ray(config: Config) -> None:
         ray.init(address=address, **kwargs)
     else:
         _local_workers_use_this_interpreter()
+        local_cluster_on_loopback()
         # at least 4 logical CPUs: 2 training workers plus decode tasks fit on a small machine
         ray.init(address="local", _node_ip_address="127.0.0.1",
                  num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 4),
@@ -59,6 +60,21 @@ def shutdown_if_connected_here() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def local_cluster_on_loopback() -> None:
+    """Make a local cluster listen on 127.0.0.1 only.
+
+    `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: Ray replaces a loopback
+    address by the machine's routable one (services.resolve_ip_for_localhost), so GCS, raylet
+    and workers listened on the network address. Ray's single-machine mode (the default on macOS
+    and Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) resolves the node to loopback instead; the
+    variable is also inherited by the cluster's processes. A local cluster serves this machine
+    only, so nothing is lost."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants  # read when ray.init resolves the node address
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def quiet_ray_internals() -> None:

@@ -73,3 +73,17 @@ def test_run_directory_pins_relative_paths(tmp_path, monkeypatch):
     assert run.root == str(tmp_path / "runs" / "demo")
     assert run.embeddings == str(tmp_path / "runs" / "demo" / "embeddings")
     assert RunDirectory("s3://bucket/runs/demo").root == "s3://bucket/runs/demo"
+
+
+def test_local_cluster_listens_on_loopback_only(ray_cluster):
+    """Servers the tests start stay on 127.0.0.1 (Ray otherwise swaps loopback for the
+    machine's network address; ray_runtime.local_cluster_on_loopback)."""
+    import ray
+
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+    @ray.remote
+    def node_address():
+        return ray.util.get_node_ip_address()
+
+    assert ray.get(node_address.remote()) == "127.0.0.1"
