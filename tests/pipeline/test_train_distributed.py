@@ -20,7 +20,7 @@ from rayclust.synthetic import make_vmf_features
 from rayclust.tables import embedding_array
 from tests.pipeline.conftest import tiny_config
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STAGE2 = {"train.workers": 2, "seic.epochs": 2, "stage2.enabled": "true", "stage2.epochs": 2,
           "stage2.batch_size": 4,
