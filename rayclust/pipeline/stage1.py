@@ -39,11 +39,6 @@ def _fingerprint(config: Config, corpus: Corpus, n_nouns: int, part: str) -> str
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def estimator_batch_size(config: Config) -> int:
-    """The global batch stage 1 trains with (after defaults derived from K are filled in)."""
-    return make_method(config).objective().batch_size
-
-
 def method_device(config: Config) -> torch.device:
     return resolve_device(config.device)
 
@@ -66,15 +61,16 @@ def train_stage1(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_u
     from rayclust.pipeline.train_runtime import worker_count
 
     workers = worker_count(config)
-    batch = estimator_batch_size(config)
-    if workers > 1 and batch // workers < 2:
-        raise ConfigError(f"{config.method}.batch_size {batch} is the global batch: split over "
-                          f"{workers} workers it leaves fewer than 2 rows per worker; raise it or "
-                          "lower train.workers")
     device = method_device(config)
     train_key = _fingerprint(config, corpus, len(nouns), "train")
     model_uri = storage.join(run.stage1, "model.pt")
     estimator = make_method(config, device=device)
+    # the global batch, after defaults derived from K (TAC's regimes) are filled in
+    batch = estimator.objective().batch_size
+    if workers > 1 and batch // workers < 2:
+        raise ConfigError(f"{config.method}.batch_size {batch} is the global batch: split over "
+                          f"{workers} workers it leaves fewer than 2 rows per worker; raise it or "
+                          "lower train.workers")
     u = torch.nn.functional.normalize(torch.tensor(corpus.features, dtype=torch.float32), dim=1)
     e = torch.nn.functional.normalize(torch.tensor(noun_matrix, dtype=torch.float32), dim=1)
     inputs, kmeans_fit = _global_pieces(config, run, corpus, estimator, u, e, len(nouns), device)

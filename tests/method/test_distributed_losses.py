@@ -21,18 +21,15 @@ guards the fix.
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gloo_ranks import run_ranks
 from rayclust.config import SEICConfig, TACConfig
 from rayclust.method.distributed import gather_rows
 from rayclust.method.seic import SEICObjective
@@ -122,24 +119,10 @@ def _run_gather_probe(rank: int | None, data) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        data = _data()
-        result = {"seic": _run_seic(rank, data), "tac": _run_tac(rank, data),
-                  "probe": _run_gather_probe(rank, data)}
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_results(rank: int) -> dict:
+    data = _data()
+    return {"seic": _run_seic(rank, data), "tac": _run_tac(rank, data),
+            "probe": _run_gather_probe(rank, data)}
 
 
 @pytest.fixture(scope="module")
@@ -151,17 +134,7 @@ def runs(tmp_path_factory):
     # torch._dynamo: seconds of CPU that each spawned worker would pay again)
     reference = {"seic": _run_seic(None, data), "tac": _run_tac(None, data),
                  "probe": _run_gather_probe(None, data)}
-    out = tmp_path_factory.mktemp("ddp")
-    # fork: a spawned worker re-imports torch, rayclust and torch._dynamo (~10 s of CPU each);
-    # a forked one starts at once. Workers use no CUDA and set one intra-op thread. Where CUDA is
-    # present, the reference's backward has started autograd's device threads, and PyTorch
-    # refuses autograd in a child forked after that (seen on an H200): spawn there.
-    # RAYCLUST_TEST_START_METHOD=spawn exercises that path on a CPU-only machine.
-    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
-    method = os.environ.get("RAYCLUST_TEST_START_METHOD") or ("fork" if forkable else "spawn")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True,
-                       start_method=method)
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = run_ranks(_rank_results, WORLD, tmp_path_factory.mktemp("ddp"), timeout_s=60)
     return reference, ranks
 
 

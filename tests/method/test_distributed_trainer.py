@@ -8,16 +8,13 @@ at twice the batch (8 workers: TAC at batch 4,096, 8x fewer steps, same learning
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from gloo_ranks import run_ranks
 from rayclust.config import SEICConfig
 from rayclust.method.metrics import cluster_accuracy
 from rayclust.method.seic import SEICObjective
@@ -48,32 +45,10 @@ def _train(rank: int | None) -> dict:
             "loss": [h.loss for h in state.history]}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=120))
-    try:
-        torch.save(_train(rank), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_one_and_two_workers_take_the_same_steps_and_reach_the_same_acc(tmp_path):
     assert not dist.is_initialized()
     single = _train(None)
-    # fork where allowed (no CUDA threads started yet), as in test_distributed_losses
-    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
-    method = os.environ.get("RAYCLUST_TEST_START_METHOD") or ("fork" if forkable else "spawn")
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method=method)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = run_ranks(_train, WORLD, tmp_path)
     expected_steps = EPOCHS * int(np.ceil(640 / BATCH))
     assert single["steps"] == expected_steps
     for result in ranks:
