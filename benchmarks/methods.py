@@ -76,7 +76,7 @@ def synthetic(name: str, n: int):
 
 def from_parquet(args):
     from rayclust import storage
-    from rayclust.pipeline.vocabulary import read_vocabulary
+    from rayclust.pipeline.run_tables import read_vocabulary
     from rayclust.tables import embedding_matrix
 
     table = storage.read_parquet(args.embeddings)

@@ -1,5 +1,5 @@
-"""Command line: `rayclust run CONFIG`, `rayclust cluster-embeddings`, `rayclust demo`,
-`rayclust config`. Thin: parse, load the config, call one pipeline entry function.
+"""Command line: `rayclust run CONFIG`, `rayclust embed`, `rayclust cluster-embeddings`,
+`rayclust stage NAME`, `rayclust demo`, `rayclust config`. Thin: parse, load the config, call one pipeline entry function.
 
 User mistakes (bad config, missing input, weights that cannot be downloaded) print one clear
 `rayclust: error: ...` line and exit with status 2; only bugs show a traceback.
@@ -13,6 +13,10 @@ import os
 import sys
 
 from rayclust import config as cfg
+from rayclust import storage
+from rayclust.method import registry
+from rayclust.pipeline import demo as demo_mod
+from rayclust.pipeline import run as run_mod
 from rayclust.storage import StorageError
 
 EPILOG = """Every option of the config can be overridden with --set KEY=VALUE (repeatable), e.g.
@@ -34,7 +38,8 @@ def _common(parser: argparse.ArgumentParser, run_dir_default: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rayclust", description="Language-assisted image clustering on CLIP (SEIC, TAC).",
+        prog="rayclust", description="Language-assisted image clustering on CLIP ("
+        + ", ".join(m.name.upper() for m in registry.METHODS) + ").",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -83,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory).")
     _common(p, "runs/demo")
 
+    STAGE_NAMES = run_mod.STAGE_NAMES
+    p = sub.add_parser("stage", help="Run one stage on an existing run directory.",
+                       description="Run one stage (" + ", ".join(STAGE_NAMES) + ") on a run "
+                                   "directory, with the config.yaml it holds (--set overrides "
+                                   "are written back to it). The stage reads its inputs from the "
+                                   "run directory only; one whose inputs are missing names the "
+                                   "stage to run first. A complete stage is skipped.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=STAGE_NAMES, metavar="NAME",
+                   help="One of: " + ", ".join(STAGE_NAMES) + ".")
+    p.add_argument("--run-dir", required=True,
+                   help="The run directory (local path or s3:// URI; for S3 give "
+                        "--set storage.endpoint=... when not AWS).")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="Override one config value (dotted key, YAML value); repeatable.")
+    p.add_argument("--no-progress", action="store_true",
+                   help="No progress bars: plain periodic log lines (for logs and CI).")
+
     p = sub.add_parser("config", help="Print the resolved config, or every key documented.",
                        description="Without --describe, print the config (defaults, file, "
                                    "overrides) as YAML; with --describe, a table of every key.")
@@ -125,7 +149,6 @@ def _print_summary(outputs: dict, options) -> None:
                  "metrics.json, config.yaml")
     print("\n".join(lines))
     try:
-        from rayclust import storage
         table = storage.read_parquet(outputs["clusters"], options)
         for row in table.to_pylist():
             extra = (f"  purity {row['purity']:.2f} ({row['majority_label']})"
@@ -151,9 +174,6 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(cfg.to_yaml(cfg.load(args.config, args.overrides)), end="")
             return 0
-        from rayclust.pipeline import demo as demo_mod
-        from rayclust.pipeline import run as run_mod
-
         if args.command == "run":
             config = _load(args.config, args.overrides, args.no_progress)
             outputs = run_mod.run(config, args.run_dir or os.path.join("runs", _stem(args.config)))
@@ -163,6 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             out = run_mod.embed(config, args.run_dir or os.path.join("runs", _stem(args.input)))
             print(f"rayclust: {out['images']} images embedded, {out['errors']} skipped "
                   f"(see errors/); outputs in {out['run_dir']}")
+            return 0
+        elif args.command == "stage":
+            overrides = [*args.overrides, *(["progress=false"] if args.no_progress else [])]
+            # storage.* from the command line reach a run directory on S3
+            options = cfg.load(None, [o for o in overrides if o.startswith("storage.")]).storage
+            out = run_mod.stage(args.name, args.run_dir, overrides, options)
+            if args.name == "assign":
+                _print_summary(out, options)
+            else:
+                verb = "ran" if out["stages"][args.name] == "ran" else "was complete already"
+                print(f"rayclust: stage {args.name} {verb}; outputs in {out['run_dir']}")
             return 0
         elif args.command == "cluster-embeddings":
             config = _load(args.config, args.overrides, args.no_progress)

@@ -13,24 +13,24 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from rayclust.method import registry
+# the method layer's own sections, embedded here (and importable from here, as before)
+from rayclust.method.hyperparameters import (ADAPTER_KINDS, LORA_RANK, GuardConfig, KMeansConfig,
+                                             SEICConfig, TACConfig)
+from rayclust.settings import setting as _f
 from rayclust.storage import StorageOptions
+
+__all__ = ["Config", "ConfigError", "GuardConfig", "KMeansConfig", "SEICConfig", "TACConfig",
+           "from_dict", "load", "to_dict", "to_yaml"]
 
 
 class ConfigError(ValueError):
     """A user mistake in a config file or `--set` override; the message says how to fix it."""
-
-
-def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None,
-       factory: Any = None) -> Any:
-    meta = {"doc": doc, "choices": choices, "min": minimum}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -45,6 +45,11 @@ class InputConfig:
                                                 "tiff", "gif"])
     max_images: int | None = _f(None, "Use at most this many images (the first in sorted URI "
                                       "order); `null` takes all.", minimum=1)
+    embeddings: str | None = _f(None, "Parquet file or folder of precomputed CLIP embeddings "
+                                      "(`embedding` column, optional id, uri, label), as "
+                                      "`rayclust cluster-embeddings --embeddings` sets it: the "
+                                      "embed stage then imports their usable rows instead of "
+                                      "reading images.")
     rows_per_shard: int = _f(50000, "Rows per manifest shard. A shard is the unit of work and of "
                                     "resume: its embeddings, errors and thumbnails parts are "
                                     "written together once it is complete.", minimum=1)
@@ -108,72 +113,10 @@ class VocabularyConfig:
                                      "`~/.cache/rayclust/vocabulary`.")
 
 
-@dataclass
-class KMeansConfig:
-    iterations: int = _f(300, "Lloyd iterations per restart at most (faiss's niter in TAC and "
-                              "SEIC); a restart stops earlier once the objective settles.",
-                         minimum=1)
-    restarts: int = _f(10, "Restarts with fresh k-means++ seeding (faiss's nredo); the lowest "
-                           "inertia wins.", minimum=1)
-    smallest_cluster_fraction: float = _f(0.05, "The smallest cluster the fit must still see, as "
-                                                "a fraction of the average size N/K.",
-                                          minimum=1e-6)
-    points_in_smallest: int = _f(50, "Points of that smallest cluster a fit sample must hold: "
-                                     "the fit uses all points, or a uniform sample of "
-                                     "ceil(points_in_smallest x K / smallest_cluster_fraction) "
-                                     "when N is larger (1,000 per centroid by default; faiss "
-                                     "uses 256, which starves small clusters), then assigns "
-                                     "every point.", minimum=1)
 
 
-@dataclass
-class TACConfig:
-    semantic_centres: int | None = _f(None, "M, the k-means centres used to select nouns; null "
-                                            "= max(round(N/300), 3K) capped at nouns/5.",
-                                      minimum=2)
-    nouns_per_centre: int = _f(5, "Nouns kept per semantic centre.", minimum=1)
-    retrieval_temperature: float = _f(0.005, "tau of the softmax that builds text counterparts.",
-                                      minimum=1e-6)
-    knn: int = _f(50, "Neighbours mined in image and counterpart space.", minimum=1)
-    epochs: int | None = _f(None, "Training epochs; null = TAC's official 20, or 100 when "
-                                  "clusters >= 100.", minimum=1)
-    batch_size: int | None = _f(None, "Anchors per global batch (split across the training "
-                                      "workers); null = TAC's official 512, or 8192 when "
-                                      "clusters >= 100 (at K = 1000 a batch of 512 holds about "
-                                      "half a member per cluster).", minimum=2)
-    learning_rate: float = _f(1e-3, "Adam learning rate.", minimum=0.0)
-    distill_temperature: float | None = _f(None, "tau-hat of the cluster-level contrastive "
-                                                 "loss; null = TAC's official 0.5, or 5.0 when "
-                                                 "clusters >= 100.", minimum=1e-6)
-    entropy_weight: float = _f(5.0, "lambda, weight of the marginal-entropy balance term.",
-                               minimum=0.0)
 
 
-@dataclass
-class SEICConfig:
-    candidate_nouns_per_centre: int = _f(200, "k1: nouns kept per k-means centre as candidates.",
-                                         minimum=1)
-    nouns_per_image: int = _f(50, "k2: candidate nouns mixed into each text counterpart.",
-                              minimum=1)
-    retrieval_temperature: float = _f(0.01, "tau_t of the counterpart softmax.", minimum=1e-6)
-    epochs: int = _f(100, "Training epochs.", minimum=1)
-    batch_size: int = _f(1024, "Pairs per global batch (split across the training workers).",
-                         minimum=2)
-    learning_rate: float = _f(5e-3, "Adam learning rate.", minimum=0.0)
-    instance_weight: float = _f(0.5, "alpha, weight of the instance-level InfoNCE.", minimum=0.0)
-    assignment_weight: float = _f(1.0, "beta, weight of the assignment-level InfoNCE.",
-                                  minimum=0.0)
-    centre_weight: float = _f(1.0, "gamma, weight of the centre-level InfoNCE.", minimum=0.0)
-    balance_weight: float = _f(2.0, "delta, weight of the dynamic balancing regulariser.",
-                               minimum=0.0)
-    instance_temperature: float = _f(0.07, "Initial learnable temperature of the instance "
-                                           "InfoNCE.", minimum=1e-4)
-    assignment_temperature: float = _f(0.5, "Temperature of the assignment-level InfoNCE.",
-                                       minimum=1e-6)
-    centre_temperature: float = _f(0.5, "Temperature of the centre-level InfoNCE.", minimum=1e-6)
-    balance_momentum: float = _f(0.9, "EMA momentum of the cluster-usage history.", minimum=0.0)
-    balance_floor: float = _f(0.01, "Floor of the usage history before weighting.", minimum=0.0)
-    balance_max_weight: float = _f(5.0, "Cap of the per-cluster balancing weight.", minimum=1.0)
 
 
 @dataclass
@@ -200,11 +143,12 @@ class Stage2Config:
                               "ceil(N / global batch) steps.", minimum=2)
     learning_rate: float = _f(5e-5, "AdamW learning rate.", minimum=0.0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", minimum=0.0)
-    adapter: str = _f("lora", "What trains in the vision tower: `lora` (low-rank updates of the "
-                              "attention Q and V projections), `last_blocks` (the last "
-                              "`unfreeze_blocks` blocks), `full`, or `none` (head only).",
-                      ("lora", "last_blocks", "full", "none"))
-    lora_rank: int = _f(128, "LoRA rank r.", minimum=1)
+    adapter: str = _f(ADAPTER_KINDS[0],
+                      "What trains in the vision tower: `lora` (low-rank updates of the "
+                      "attention Q and V projections), `last_blocks` (the last "
+                      "`unfreeze_blocks` blocks), `full`, or `none` (head only).",
+                      ADAPTER_KINDS)
+    lora_rank: int = _f(LORA_RANK, "LoRA rank r.", minimum=1)
     lora_alpha: float | None = _f(None, "LoRA alpha (update scale alpha/r); null = r.",
                                   minimum=0.0)
     unfreeze_blocks: int = _f(2, "Blocks trained by `adapter: last_blocks`.", minimum=1)
@@ -222,30 +166,6 @@ class Stage2Config:
                               "H200; on CPUs the strong view dominates and it gains little.")
 
 
-@dataclass
-class GuardConfig:
-    enabled: bool = _f(True, "Compare the trained heads with plain k-means on the image features "
-                             "by the label-free selection score (rayclust.method.selection) and "
-                             "keep k-means when it is clearly better.")
-    margin: float = _f(2.0, "k-means replaces the heads only if its selection score is higher by "
-                            "more than this many standard errors of the paired difference.",
-                       minimum=0.0)
-    neighbours: int = _f(10, "Neighbours per anchor in the selection graphs (image and text "
-                             "views) and in the reported neighbour agreement.", minimum=1)
-    sample: int = _f(4000, "Anchors of the selection graph (at least anchors_per_cluster x K; all "
-                           "points when fewer).", minimum=100)
-    anchors_per_cluster: int = _f(20, "Anchors per cluster at least, so large K keep enough "
-                                      "anchors per cluster.", minimum=1)
-    text_temperature: float = _f(0.01, "tau of the softmax over the whole vocabulary that builds "
-                                       "the selection's text view.", minimum=1e-6)
-    text_weight: float = _f(0.75, "Share of the text view in the selection score (the image view "
-                                  "has the rest); see rayclust.method.selection for the "
-                                  "measurements behind 0.75.", minimum=0.0)
-    min_cluster_fraction: float = _f(0.05, "A candidate whose smallest cluster holds fewer than "
-                                           "this fraction of N/K points is degenerate and cannot "
-                                           "win.", minimum=0.0)
-    bootstrap: int = _f(1000, "Bootstrap resamples of the anchors for the standard errors.",
-                        minimum=2)
 
 
 @dataclass
@@ -256,30 +176,46 @@ class OutputConfig:
     top_nouns: int = _f(5, "Nouns listed per cluster in clusters.parquet.", minimum=1)
 
 
-@dataclass
-class Config:
-    method: str = _f("seic", "Clustering method: `seic` (default) or `tac` (the baseline).",
-                     ("seic", "tac"))
-    clusters: int = _f(10, "K, the number of clusters.", minimum=2)
-    seed: int = _f(0, "Seed of every random choice (sampling, k-means, initialisation).")
-    device: str = _f("auto", "Device for the method layer: `auto`, `cpu`, `cuda`, `cuda:N`.")
-    progress: bool = _f(True, "Progress bars and periodic progress lines.")
-    input: InputConfig = _f(None, "Image corpus.", factory=InputConfig)
-    storage: StorageOptions = _f(None, "S3 access (credentials come from the standard AWS "
-                                       "chain, never from this file).", factory=StorageOptions)
-    model: ModelConfig = _f(None, "CLIP encoder.", factory=ModelConfig)
-    embed: EmbedConfig = _f(None, "The Ray Data embedding stage.", factory=EmbedConfig)
-    ray: RayConfig = _f(None, "Which Ray cluster runs the work.", factory=RayConfig)
-    vocabulary: VocabularyConfig = _f(None, "Noun vocabulary.", factory=VocabularyConfig)
-    kmeans: KMeansConfig = _f(None, "Spherical k-means.", factory=KMeansConfig)
-    tac: TACConfig = _f(None, "TAC hyper-parameters.", factory=TACConfig)
-    seic: SEICConfig = _f(None, "SEIC stage-1 hyper-parameters.", factory=SEICConfig)
-    train: TrainConfig = _f(None, "Ray Train workers for stage 1 and stage 2.",
-                            factory=TrainConfig)
-    stage2: Stage2Config = _f(None, "SEIC stage 2, self-enhanced fine-tuning.",
-                              factory=Stage2Config)
-    guard: GuardConfig = _f(None, "Language helps or steps aside.", factory=GuardConfig)
-    output: OutputConfig = _f(None, "Output files.", factory=OutputConfig)
+def _method_sections() -> list[tuple[str, type, Any]]:
+    """One section per method of the registry, named after it (`seic`, `tac`, ...)."""
+    return [(m.name, m.params, _f(None, f"{m.summary}: hyper-parameters.", factory=m.params))
+            for m in registry.METHODS]
+
+
+# The run configuration. Built from a field list so that the methods' sections come from the
+# method registry: adding a method adds its section and its `method` choice here.
+Config = dataclasses.make_dataclass("Config", [
+    ("method", str, _f("seic", "Clustering method: "
+                       + "; ".join(f"`{m.name}` {m.summary}" for m in registry.METHODS) + ".",
+                       registry.names())),
+    ("clusters", int, _f(10, "K, the number of clusters.", minimum=2)),
+    ("seed", int, _f(0, "Seed of every random choice (sampling, k-means, initialisation).")),
+    ("device", str, _f("auto", "Device for the method layer: `auto`, `cpu`, `cuda`, `cuda:N`.")),
+    ("progress", bool, _f(True, "Progress bars and periodic progress lines.")),
+    ("input", InputConfig, _f(None, "Image corpus.", factory=InputConfig)),
+    ("storage", StorageOptions, _f(None, "S3 access (credentials come from the standard AWS "
+                                         "chain, never from this file).",
+                                   factory=StorageOptions)),
+    ("model", ModelConfig, _f(None, "CLIP encoder.", factory=ModelConfig)),
+    ("embed", EmbedConfig, _f(None, "The Ray Data embedding stage.", factory=EmbedConfig)),
+    ("ray", RayConfig, _f(None, "Which Ray cluster runs the work.", factory=RayConfig)),
+    ("vocabulary", VocabularyConfig, _f(None, "Noun vocabulary.", factory=VocabularyConfig)),
+    ("kmeans", KMeansConfig, _f(None, "Spherical k-means.", factory=KMeansConfig)),
+    *_method_sections(),
+    ("train", TrainConfig, _f(None, "Ray Train workers for stage 1 and stage 2.",
+                              factory=TrainConfig)),
+    ("stage2", Stage2Config, _f(None, "Stage 2, self-enhanced fine-tuning.",
+                                factory=Stage2Config)),
+    ("guard", GuardConfig, _f(None, "Language helps or steps aside.", factory=GuardConfig)),
+    ("output", OutputConfig, _f(None, "Output files.", factory=OutputConfig)),
+])
+Config.__module__ = __name__
+Config.__doc__ = "The whole run configuration (what `<run>/config.yaml` holds)."
+
+
+def method_section(config) -> Any:
+    """The hyper-parameter section of the configured method."""
+    return getattr(config, config.method)
 
 
 # StorageOptions lives in the storage module (attribute docstrings); its docs for the table:

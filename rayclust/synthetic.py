@@ -4,6 +4,7 @@ set for the demo. Nothing here touches the network.
 
 from __future__ import annotations
 
+import colorsys
 import math
 import os
 from dataclasses import dataclass
@@ -208,7 +209,6 @@ def _draw(cls: str, size: int, rng: np.random.Generator):
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
-    import colorsys
     return colorsys.hsv_to_rgb(h, s, v)
 
 

@@ -95,11 +95,11 @@ def ray_cluster(s3_server):
     environment, so its workers inherit them)."""
     import ray
 
-    from rayclust.pipeline.ray_runtime import (_local_workers_use_this_interpreter,
+    from rayclust.pipeline.ray_runtime import (local_workers_use_this_interpreter,
                                                local_cluster_on_loopback)
 
     if not ray.is_initialized():
-        _local_workers_use_this_interpreter()
+        local_workers_use_this_interpreter()
         local_cluster_on_loopback()
         # a cluster of its own ("local": never one a `ray start` left behind), on loopback only
         ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4,
@@ -108,9 +108,20 @@ def ray_cluster(s3_server):
     ray.shutdown()
 
 
+def _uses_the_session_cluster(path: str) -> bool:
+    return any(part in path for part in ("/tests/pipeline/", "test_cli.py"))
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that get the shared Ray cluster are marked `ray`, so `-m "not ray"` is the fast lane
+    (no cluster at all)."""
+    for item in items:
+        if _uses_the_session_cluster(str(item.fspath)):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(autouse=True)
 def _ray_for_pipeline_tests(request):
     """Pipeline and CLI tests run stages on Ray: give them the shared cluster."""
-    path = str(request.node.fspath)
-    if any(part in path for part in ("/tests/pipeline/", "test_cli.py")):
+    if _uses_the_session_cluster(str(request.node.fspath)):
         request.getfixturevalue("ray_cluster")

@@ -152,6 +152,14 @@ def _rows(uri: str) -> int:
     return storage.read_parquet(uri).num_rows
 
 
+@pytest.fixture
+def shared_cluster(ray_cluster) -> str:
+    """The address of the session's Ray cluster. Commands whose subject is not starting Ray join
+    it (as users with RAY_ADDRESS do) instead of starting one each; the commands that must start
+    and stop their own cluster (the issue-10 cases) do not use it."""
+    return ray_cluster.get_runtime_context().gcs_address
+
+
 # -- every command shape, in a fresh process ----------------------------------------------------
 
 @pytest.mark.slow
@@ -185,11 +193,12 @@ def test_cluster_embeddings_with_vocabulary_sets_bad_rows_aside(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_cluster_embeddings_encodes_the_vocabulary(tmp_path):
-    """Without --vocabulary the nouns are encoded by the model on the command's own cluster."""
+def test_cluster_embeddings_encodes_the_vocabulary(tmp_path, shared_cluster):
+    """Without --vocabulary the nouns are encoded by the model on the cluster it joins."""
     x, labels = _planted(8, 64)  # rayclust-tiny's dimension
     emb = _embeddings(tmp_path / "E.parquet", list(x), label=labels)
-    r = rayclust("cluster-embeddings", "--embeddings", emb, *TINY, cwd=tmp_path)
+    r = rayclust("cluster-embeddings", "--embeddings", emb, *TINY, cwd=tmp_path,
+                 ray_address=shared_cluster)
     assert r.code == 0, r.err[-3000:]
     run = tmp_path / "runs" / "E"  # the documented default run directory
     assert _rows(str(run / "assignments")) == 24 and _rows(str(run / "vocabulary")) == 300
@@ -199,11 +208,11 @@ def test_cluster_embeddings_encodes_the_vocabulary(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_embed_then_run_commands(tmp_path, images):
+def test_embed_then_run_commands(tmp_path, images, shared_cluster):
     """`embed` alone, then `run` over the same run directory (it finds the embeddings and does
     not embed again): both command shapes, each in its own fresh process."""
     r = rayclust("embed", "--input", images, "--run-dir", "out", *TINY,
-                 "--set", "input.labels=from_folder", cwd=tmp_path)
+                 "--set", "input.labels=from_folder", cwd=tmp_path, ray_address=shared_cluster)
     assert r.code == 0, r.err[-3000:]
     assert "18 images embedded, 1 skipped" in r.out
     run = tmp_path / "out"
@@ -215,7 +224,8 @@ def test_embed_then_run_commands(tmp_path, images):
 
     config = tmp_path / "folder.yaml"
     config.write_text(f"input:\n  path: {images}\n  labels: from_folder\n")
-    r = rayclust("run", str(config), "--run-dir", "out", *TINY, cwd=tmp_path)
+    r = rayclust("run", str(config), "--run-dir", "out", *TINY, cwd=tmp_path,
+                 ray_address=shared_cluster)
     assert r.code == 0, r.err[-3000:]
     assert _rows(str(run / "assignments")) == 18 and _rows(str(run / "errors")) == 1
     metrics = json.loads((run / "metrics.json").read_text())
@@ -227,9 +237,10 @@ def test_embed_then_run_commands(tmp_path, images):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_demo_command_offline(tmp_path):
+@pytest.mark.timeout(900)
+def test_demo_command_offline(tmp_path, shared_cluster):
     r = rayclust("demo", "--run-dir", "runs/demo", *TINY, "--set", "clusters=6", cwd=tmp_path,
-                 timeout=600)
+                 timeout=600, ray_address=shared_cluster)
     assert r.code == 0, r.err[-3000:]
     run = tmp_path / "runs" / "demo"
     assert "300 images -> 6 clusters" in r.out and "ACC" in r.out and str(run) in r.out
@@ -333,9 +344,9 @@ def test_bad_input_is_one_line_before_ray(case, tmp_path):
 # -- the rows set aside, in-process (no Ray) ----------------------------------------------------
 
 def test_rejected_rows_keep_their_uri_and_the_part_is_rewritten(tmp_path):
-    from rayclust.config import load
     from rayclust.pipeline.corpus import Corpus
-    from rayclust.pipeline.run import _write_rejected, open_run
+    from rayclust.pipeline.run_directory import RunDirectory
+    from rayclust.pipeline.run_tables import write_rejected
 
     x = list(_planted(2, 8)[0])
     table = pa.table({"id": ["a", "b", "c", None, "a", "d", "e"],
@@ -351,9 +362,10 @@ def test_rejected_rows_keep_their_uri_and_the_part_is_rewritten(tmp_path):
                        "s3://b/n.jpg": "row 3: null id",
                        "s3://b/a2.jpg": "row 4: duplicate id 'a' (the first row is kept)",
                        "s3://b/d.jpg": "row 5: embedding has 5 values, the others have 8"}
-    rd = open_run(load(None, []), str(tmp_path / "run"))
+    rd = RunDirectory(str(tmp_path / "run"))
     for _ in range(2):  # a re-run rewrites the same part
-        _write_rejected(rd, corpus)
+        write_rejected(rd, corpus.rejected, "embeddings")
     assert storage.read_parquet(rd.errors).num_rows == 4
-    _write_rejected(rd, Corpus.from_table(table.slice(0, 2), "t.parquet"))  # a clean input
+    clean = Corpus.from_table(table.slice(0, 2), "t.parquet")
+    write_rejected(rd, clean.rejected, "embeddings")  # a clean input removes it
     assert not os.path.exists(os.path.join(rd.errors, "part-embeddings.parquet"))

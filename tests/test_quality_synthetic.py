@@ -18,6 +18,7 @@ import torch
 
 from rayclust.config import GuardConfig, SEICConfig, TACConfig
 from rayclust.method import SEIC, TAC
+from rayclust.method.estimators import GlobalPieces
 from rayclust.method.kmeans import spherical_kmeans
 from rayclust.method.metrics import cluster_accuracy, neighbour_agreement
 from rayclust.method.trainer import Stage1Inputs
@@ -41,7 +42,9 @@ def test_stage1_reaches_095_on_separated_vmf_clusters(method):
         from rayclust.method.neighbours import knn
         inputs.image_neighbours, inputs.text_neighbours = knn(inputs.image, 50), knn(inputs.text, 50)
         model = TAC(10, TACConfig(epochs=20), guard=GuardConfig(enabled=False))
-    model.fit(f.image, f.nouns, f.noun_names, inputs=inputs)
+    # the counterparts come from the generator (the text view of each point), not from nouns
+    pieces = GlobalPieces(inputs, nouns_used=torch.arange(len(f.noun_names)))
+    model.fit(f.image, f.nouns, f.noun_names, pieces=pieces)
     assert model.result_.source == "heads"
     acc = cluster_accuracy(f.labels, model.labels_)
     assert acc >= 0.95, acc

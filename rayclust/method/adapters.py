@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-ADAPTER_KINDS = ("lora", "last_blocks", "full", "none")
+from rayclust.method.hyperparameters import ADAPTER_KINDS, LORA_RANK
 
 
 class QVLoRA(nn.Module):
@@ -89,7 +89,7 @@ def _blocks_and_head(visual: nn.Module) -> tuple[list[nn.Module], list[nn.Module
                      "adapter 'last_blocks'; use 'full' or 'none'")
 
 
-def apply_adapter(visual: nn.Module, kind: str, rank: int = 16, alpha: float | None = None,
+def apply_adapter(visual: nn.Module, kind: str, rank: int = LORA_RANK, alpha: float | None = None,
                   blocks: int = 2, seed: int = 0) -> list[nn.Parameter]:
     """Freeze ``visual`` and add/unfreeze the adapter ``kind``; returns the trainable parameters.
 

@@ -55,6 +55,10 @@ class TACHeads(nn.Module):
         return (self.image(image), self.text(text), self.text(text_neighbours),
                 self.image(image_neighbours))
 
+    def image_classifier(self) -> nn.Module:
+        """Image features -> logits: the image head (what stage 2 fine-tunes)."""
+        return self.image
+
 
 class SEICBranch(nn.Module):
     """x (B, d) -> (z (B, d) unit rows, logits (B, K))."""
@@ -68,6 +72,17 @@ class SEICBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = F.normalize(self.projection(x), dim=-1)
         return z, self.cluster(z)
+
+
+class _BranchLogits(nn.Module):
+    """A SEICBranch seen as a classifier: x -> logits (its z is not needed)."""
+
+    def __init__(self, branch: SEICBranch):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x)[1]
 
 
 class SEICHeads(nn.Module):
@@ -89,3 +104,7 @@ class SEICHeads(nn.Module):
         z_v, logits_v = self.image(image)
         z_t, logits_t = self.text(text)
         return z_v, logits_v, z_t, logits_t, self.scale()
+
+    def image_classifier(self) -> nn.Module:
+        """Image features -> logits through the image branch (what stage 2 fine-tunes)."""
+        return _BranchLogits(self.image)

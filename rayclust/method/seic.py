@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rayclust.config import KMeansConfig, SEICConfig
 from rayclust.method.counterparts import seic_counterparts
 from rayclust.method.distributed import gather_rows
+from rayclust.method.estimators import Estimator, GlobalPieces
 from rayclust.method.heads import SEICHeads
-from rayclust.method.kmeans import KMeansResult, spherical_kmeans
+from rayclust.method.hyperparameters import KMeansConfig, SEICConfig
+from rayclust.method.kmeans import spherical_kmeans
 from rayclust.method.losses import (CentreConsistencyLoss, DynamicBalanceRegulariser,
                                     SymmetricInfoNCE, info_nce)
 from rayclust.method.trainer import Stage1Inputs, adam
@@ -77,11 +78,25 @@ class SEICObjective:
 
 def prepare_seic(u: torch.Tensor, nouns: torch.Tensor, n_clusters: int, cfg: SEICConfig,
                  kmeans: KMeansConfig, seed: int = 0
-                 ) -> tuple[Stage1Inputs, torch.Tensor, KMeansResult]:
-    """K-centre k-means, candidate nouns and counterparts.
-
-    Returns (inputs, candidate noun indices, the k-means fit, reused by the guard)."""
+                 ) -> GlobalPieces:
+    """K-centre k-means, candidate nouns (the text space) and counterparts; the k-means fit is
+    kept for the guard."""
     fit = spherical_kmeans(u, n_clusters, seed=seed, **vars(kmeans))
     text, candidates = seic_counterparts(u, nouns, fit.centroids, cfg.candidate_nouns_per_centre,
                                          cfg.nouns_per_image, cfg.retrieval_temperature)
-    return Stage1Inputs(u, text), candidates, fit
+    return GlobalPieces(Stage1Inputs(u, text), candidates, fit)
+
+
+class SEIC(Estimator):
+    """SEIC stage 1 (ALGORITHM.md 4.1-4.3) with rayclust's language guard. Example::
+
+        model = SEIC(n_clusters=10, params=SEICConfig(epochs=50)).fit(u, nouns, noun_names)
+    """
+
+    method = "seic"
+
+    def prepare(self, u, nouns) -> GlobalPieces:
+        return prepare_seic(u, nouns, self.n_clusters, self.params, self.kmeans, self.seed)
+
+    def objective(self, gather_distributed: bool = False) -> SEICObjective:
+        return SEICObjective(self.params, self.n_clusters, gather_distributed)

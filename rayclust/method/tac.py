@@ -12,9 +12,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from rayclust.config import KMeansConfig, TACConfig
 from rayclust.method.counterparts import tac_counterparts
+from rayclust.method.distributed import gather_rows
+from rayclust.method.estimators import Estimator, GlobalPieces
 from rayclust.method.heads import TACHeads
+from rayclust.method.hyperparameters import KMeansConfig, TACConfig
 from rayclust.method.losses import ClusterContrastiveLoss, InstanceConsistencyLoss, marginal_entropy
 from rayclust.method.neighbours import knn
 from rayclust.method.trainer import Stage1Inputs, adam
@@ -33,7 +35,6 @@ class TACCriterion(nn.Module):
         distill = self.distill(p_v, q_t) + self.distill(p_t, q_v)
         consistency = self.consistency(p_v, p_t)
         if self.gather_distributed:
-            from rayclust.method.distributed import gather_rows
             p_v, p_t = gather_rows(p_v), gather_rows(p_t)
         entropy = marginal_entropy(p_t) + marginal_entropy(p_v)
         loss = distill + consistency - self.entropy_weight * entropy
@@ -90,10 +91,26 @@ class TACObjective:
 
 
 def prepare_tac(u: torch.Tensor, nouns: torch.Tensor, n_clusters: int, cfg: TACConfig,
-                kmeans: KMeansConfig, seed: int = 0) -> tuple[Stage1Inputs, torch.Tensor]:
-    """Counterparts and both neighbour tables. Returns (inputs, selected noun indices)."""
+                kmeans: KMeansConfig, seed: int = 0) -> GlobalPieces:
+    """Counterparts over the selected nouns (the text space) and both neighbour tables. TAC's
+    k-means has M semantic centres, not K clusters, so there is no fit for the guard."""
     text, selected = tac_counterparts(
         u, nouns, n_clusters, cfg.semantic_centres, cfg.nouns_per_centre,
         cfg.retrieval_temperature, seed=seed, kmeans_kwargs=vars(kmeans))
     k = min(cfg.knn, u.shape[0] - 1)
-    return Stage1Inputs(u, text, knn(u, k), knn(text, k)), selected
+    return GlobalPieces(Stage1Inputs(u, text, knn(u, k), knn(text, k)), selected)
+
+
+class TAC(Estimator):
+    """TAC (ICML 2024, ALGORITHM.md 3), the baseline, with the same guard. Example::
+
+        model = TAC(n_clusters=10).fit(u, nouns, noun_names)
+    """
+
+    method = "tac"
+
+    def prepare(self, u, nouns) -> GlobalPieces:
+        return prepare_tac(u, nouns, self.n_clusters, self.params, self.kmeans, self.seed)
+
+    def objective(self, gather_distributed: bool = False) -> TACObjective:
+        return TACObjective(self.params, self.n_clusters, gather_distributed)

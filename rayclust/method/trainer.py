@@ -167,7 +167,9 @@ class Stage1Trainer:
         inputs = inputs.to(self.device)
         state = state or self.init_state(inputs.image.shape[1])
         obj = self.objective
-        step = _GraphedStep(obj, state, inputs, self.device) if self.cuda_graphs else None
+        # (nothing to capture when a resumed state has completed every epoch)
+        step = (_GraphedStep(obj, state, inputs, self.device)
+                if self.cuda_graphs and state.epoch < obj.epochs else None)
         while state.epoch < obj.epochs:
             # One generator per epoch, seeded by (seed, epoch): a resumed run replays exactly.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + state.epoch)

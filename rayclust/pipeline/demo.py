@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 from rayclust.config import Config
+from rayclust.method import registry
 from rayclust.pipeline.progress import log
+from rayclust.pipeline.run import check_model, run
 from rayclust.synthetic import DEMO_CLASSES, generate_image_folder
 
 # Settings the demo starts from (then the user's --set overrides). The default model is a real
@@ -17,8 +19,8 @@ DEMO_SETTINGS = {
     # 3,000 most frequent WordNet nouns keep the CPU text encoding to a few minutes (cached after
     # the first run); a full run uses all 117,798.
     "vocabulary": {"max_nouns": 3000},
-    "seic": {"epochs": 60, "batch_size": 128},
-    "tac": {"epochs": 40, "batch_size": 128, "knn": 10},
+    # each method's settings for a few hundred images, from its registry record
+    **{m.name: dict(m.small_data) for m in registry.METHODS},
 }
 IMAGES_PER_CLASS = 50
 
@@ -31,8 +33,6 @@ def prepare_demo_images(folder: str, seed: int = 0) -> str:
 
 
 def demo(config: Config, run_dir: str, images_dir: str | None = None) -> dict:
-    from rayclust.pipeline.run import check_model, run
-
     check_model(config)  # a mistyped model fails before 300 images are drawn and Ray starts
     folder = images_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)) or ".",
                                         "demo-images")

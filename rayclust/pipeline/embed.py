@@ -1,4 +1,9 @@
-"""Image embedding stage on Ray Data (ARCHITECTURE.md "Embed", RAY.md 1.1-1.8).
+"""The embed stage (ARCHITECTURE.md "Embed", RAY.md 1.1-1.8): images on Ray Data, or an import of
+precomputed embeddings (`input.embeddings`, what `cluster-embeddings` sets). Either way it writes
+`embeddings/part-*.parquet` holding only usable rows (id, uri, [label], embedding) and puts every
+other input row in `errors/`, so the later stages read a clean corpus.
+
+Images:
 
     read_parquet(manifest shards) -> decode tasks (CPU): fetch bytes through the storage module,
     decode, preprocess to uint8 at the model's input size, make a thumbnail; a readable error per
@@ -15,104 +20,23 @@ nothing materialises the corpus.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rayclust import storage
-from rayclust.config import Config
+from rayclust.config import Config, ConfigError
+from rayclust.pipeline.clip_actors import EncodeImages, actor_resources, describe_encoder
+from rayclust.pipeline.corpus import Corpus
 from rayclust.pipeline.decode import decode_batch
-from rayclust.preprocess import ImagePreprocess
 from rayclust.pipeline.manifest import build_manifest
 from rayclust.pipeline.progress import Progress, log
+from rayclust.pipeline.ray_runtime import configure_data, ensure_ray
 from rayclust.pipeline.run_directory import RunDirectory
+from rayclust.pipeline.run_tables import write_rejected
 from rayclust.tables import embedding_array, errors_table
 
 THUMBNAILS_SCHEMA = pa.schema([("id", pa.string()), ("thumbnail", pa.binary())])
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What the driver needs to know about the model without holding it."""
-
-    preprocess: ImagePreprocess
-    cache_key: str
-    embed_dim: int
-
-
-def _load(config: Config, device: str):
-    from rayclust.encoders import load_encoder
-    m = config.model
-    return load_encoder(m.name, m.pretrained, device=device, cache_dir=m.cache_dir,
-                        seed=config.seed)
-
-
-_DESCRIBED: dict[tuple, EncoderInfo] = {}
-
-
-def load_on_actor(config: Config):
-    """The encoder inside a Ray actor: on the GPU Ray assigned it (or `model.device`)."""
-    import ray
-    import torch
-
-    device = config.model.device if config.model.device != "auto" else (
-        "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-    return _load(config, device)
-
-
-def describe_encoder(config: Config) -> EncoderInfo:
-    """Load the model once in a Ray task (weights download on a worker, not the driver)."""
-    import ray
-
-    m = config.model
-    key = (m.name, m.pretrained, m.cache_dir, config.seed)
-    if key not in _DESCRIBED:
-        @ray.remote(num_cpus=1)
-        def describe(config: Config) -> EncoderInfo:
-            encoder = _load(config, "cpu")
-            return EncoderInfo(encoder.preprocess, encoder.cache_key, encoder.embed_dim)
-
-        try:
-            _DESCRIBED[key] = ray.get(describe.remote(config))
-        except ray.exceptions.RayTaskError as exc:
-            # a user mistake (unknown model, weights not downloadable) keeps its own clear
-            # message instead of arriving wrapped in a remote traceback
-            from rayclust.encoders import EncoderLoadError
-            if isinstance(exc.cause, EncoderLoadError):
-                raise exc.cause from None
-            raise
-    return _DESCRIBED[key]
-
-
-def actor_resources(config: Config) -> tuple[int, float]:
-    """(actors, GPUs per actor) for encoder pools, from the config and the cluster."""
-    from rayclust.pipeline.ray_runtime import cluster_gpus
-
-    e = config.embed
-    gpus = cluster_gpus(config)
-    per_actor = e.gpus_per_actor if e.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    actors = e.actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
-    return actors, per_actor
-
-
-class EncodeImages:
-    """Ray Data callable class: holds the open_clip model, encodes a batch of uint8 images."""
-
-    def __init__(self, config: Config):
-        self.encoder = load_on_actor(config)
-        self.dtype = config.output.embedding_dtype
-
-    def __call__(self, batch: dict) -> pa.Table:
-        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
-        d = self.encoder.embed_dim
-        vectors = np.zeros((len(ok), d), dtype=np.float32)
-        if ok.any():
-            vectors[ok] = self.encoder.encode_uint8(batch["pixels"][ok]).numpy()
-        columns = {k: v for k, v in batch.items() if k not in ("pixels",)}
-        table = pa.table({k: pa.array(list(v) if v.dtype == object else v)
-                          for k, v in columns.items()})
-        return table.append_column("embedding", embedding_array(vectors, self.dtype))
 
 
 class _ShardWriter:
@@ -128,49 +52,121 @@ class _ShardWriter:
     def add(self, table: pa.Table) -> None:
         shards = table["shard"].to_pylist()
         for shard in dict.fromkeys(shards):
-            rows = table.filter(pa.compute.equal(table["shard"], shard))
+            rows = table.filter(pc.equal(table["shard"], shard))
             self.pending.setdefault(shard, []).append(rows)
             self.counts[shard] = self.counts.get(shard, 0) + rows.num_rows
             if self.counts[shard] == self.sizes[shard]:
                 self._write(shard, pa.concat_tables(self.pending.pop(shard)))
 
     def _write(self, shard: str, rows: pa.Table) -> None:
-        failed = pa.compute.not_equal(rows["error"], "")
-        bad, good = rows.filter(failed), rows.filter(pa.compute.invert(failed))
+        rows = _flag_unusable_vectors(rows)
+        failed = pc.not_equal(rows["error"], "")
+        bad, good = rows.filter(failed), rows.filter(pc.invert(failed))
         run = self.run
         errors = errors_table([{"uri": u, "stage": "embed", "error": e} for u, e in
                                zip(bad["uri"].to_pylist(), bad["error"].to_pylist())])
-        run.write_table(errors, storage.join(run.errors, shard))
+        run.write_table(errors, run.shard(run.errors, shard))
         thumbs = good.select(["id", "thumbnail"]).cast(THUMBNAILS_SCHEMA)
-        run.write_table(thumbs, storage.join(run.thumbnails, shard))
+        run.write_table(thumbs, run.shard(run.thumbnails, shard))
         keep = ["id", "uri", "embedding"] + (["label"] if self.has_label else [])
-        run.write_table(good.select(keep), storage.join(run.embeddings, shard))  # marks it done
+        run.write_table(good.select(keep), run.shard(run.embeddings, shard))  # marks it done
         self.written.append(shard)
         self.images += good.num_rows
         self.errors += bad.num_rows
 
 
+def _flag_unusable_vectors(rows: pa.Table) -> pa.Table:
+    """An encoder output with NaN/inf values or all zeros (a broken model or weights) becomes an
+    error row instead of reaching stage 1."""
+    vectors = rows["embedding"].combine_chunks()
+    d = vectors.type.list_size
+    matrix = np.asarray(vectors.flatten().to_numpy(zero_copy_only=False),
+                        np.float32).reshape(-1, d)
+    unusable = ~np.isfinite(matrix).all(axis=1) | ~matrix.any(axis=1)
+    decoded = np.array([e == "" for e in rows["error"].to_pylist()], dtype=bool)
+    flag = unusable & decoded
+    if not flag.any():
+        return rows
+    errors = np.where(flag, "the encoder returned an embedding with NaN, infinite or only zero "
+                            "values", np.array(rows["error"].to_pylist(), dtype=object))
+    return rows.set_column(rows.column_names.index("error"), "error",
+                           pa.array(errors.tolist(), pa.string()))
+
+
+def run_embed(config: Config, run: RunDirectory) -> list[str]:
+    """The embed stage: import `input.embeddings` when set, else embed the images of
+    `input.path`. Returns the embeddings part URIs."""
+    if config.input.embeddings:
+        return import_embeddings(config, run)
+    return embed_images(config, run)
+
+
+def read_import(config: Config) -> Corpus:
+    """The precomputed embeddings, checked: a whole-file problem or too few usable rows is a
+    `ConfigError`; bad rows are in `Corpus.rejected`."""
+    uri = config.input.embeddings
+    corpus = Corpus.read(uri, config.storage, stage="cluster-embeddings")
+    if len(corpus.ids) < config.clusters:
+        skipped = f" ({len(corpus.rejected)} more skipped as unusable)" if corpus.rejected else ""
+        raise ConfigError(f"{uri}: {len(corpus.ids)} usable embedding(s){skipped} cannot form "
+                          f"{config.clusters} clusters; lower `clusters`")
+    return corpus
+
+
+def import_embeddings(config: Config, run: RunDirectory) -> list[str]:
+    """Copy the usable rows of `input.embeddings` into `embeddings/` (float32, as given) and the
+    others into `errors/part-embeddings.parquet`; skipped when this source is imported already."""
+    source = config.input.embeddings
+    done = run.marker(run.embeddings)
+    if done is not None and done.get("source") == source:
+        return storage.parquet_files(run.embeddings, run.options)
+    corpus = read_import(config)
+    write_rejected(run, corpus.rejected, "embeddings")
+    n, size = len(corpus.ids), config.input.rows_per_shard
+    parts = []
+    for i, start in enumerate(range(0, n, size)):
+        stop = min(start + size, n)
+        columns = {"id": pa.array(corpus.ids[start:stop], pa.string()),
+                   "uri": pa.array(corpus.uris[start:stop], pa.string())}
+        if corpus.labels is not None:
+            columns["label"] = pa.array(corpus.labels[start:stop], pa.string())
+        columns["embedding"] = embedding_array(corpus.features[start:stop], "float32")
+        parts.append(run.write_table(pa.table(columns),
+                                     run.part(run.embeddings, i)))
+    _remove_other_parts(run, run.embeddings, parts)  # of an earlier import of another file
+    run.mark_complete(run.embeddings, {"source": source, "rows": n,
+                                       "dimension": int(corpus.features.shape[1]),
+                                       "rejected": len(corpus.rejected)})
+    log.info("embed: %d embedding(s) of dimension %d imported from %s, %d set aside", n,
+             corpus.features.shape[1], source, len(corpus.rejected))
+    return parts
+
+
+def _remove_other_parts(run: RunDirectory, folder: str, keep: list[str]) -> None:
+    for uri in storage.parquet_files(folder, run.options):
+        if uri not in keep:
+            storage.delete(uri, run.options)
+
+
 def embed_images(config: Config, run: RunDirectory) -> list[str]:
     """Embed every manifest row not embedded yet; returns the embeddings part URIs."""
-    from rayclust.pipeline.ray_runtime import configure_data, ensure_ray
-
     if run.is_complete(run.embeddings):
         return storage.parquet_files(run.embeddings, run.options)
     parts = build_manifest(config, run)
     names = [storage.basename(p) for p in parts]
     todo = [p for p, n in zip(parts, names)
-            if not run.exists(storage.join(run.embeddings, n))]
+            if not run.exists(run.shard(run.embeddings, n))]
     for folder in (run.embeddings, run.errors, run.thumbnails):
         storage.remove_stale_temporaries(folder, run.options)  # from a killed earlier run
     if todo:
         ensure_ray(config)
         configure_data(config)
         _run_pipeline(config, run, todo)
-    n_errors = sum(run.read_table(storage.join(run.errors, n)).num_rows for n in names)
+    n_errors = sum(run.read_table(run.shard(run.errors, n)).num_rows for n in names)
     run.mark_complete(run.embeddings, {"parts": len(names), "errors": n_errors})
     if n_errors:
         log.warning("embedding: %d image(s) could not be used; see %s", n_errors, run.errors)
-    return [storage.join(run.embeddings, n) for n in names]
+    return [run.shard(run.embeddings, n) for n in names]
 
 
 def _run_pipeline(config: Config, run: RunDirectory, todo: list[str]) -> None:

@@ -14,7 +14,7 @@ import pyarrow.csv as pacsv
 from rayclust import storage
 from rayclust.config import Config, ConfigError
 from rayclust.pipeline.progress import log
-from rayclust.pipeline.run_directory import RunDirectory, part_name, stable_id
+from rayclust.pipeline.run_directory import RunDirectory, stable_id
 from rayclust.tables import errors_table
 
 MANIFEST_SUFFIXES = (".parquet", ".csv")
@@ -91,9 +91,9 @@ def build_manifest(config: Config, run: RunDirectory) -> list[str]:
     parts = []
     for i, start in enumerate(range(0, table.num_rows, size)):
         parts.append(run.write_table(table.slice(start, size),
-                                     storage.join(run.manifest, part_name(i))))
+                                     run.part(run.manifest, i)))
     if errors:
-        run.write_table(errors_table(errors), storage.join(run.errors, "part-manifest.parquet"))
+        run.write_table(errors_table(errors), run.errors_part("manifest"))
     run.mark_complete(run.manifest, {"rows": table.num_rows, "parts": len(parts)})
     log.info("manifest: %d images in %d part(s), %d input problem(s)", table.num_rows,
              len(parts), len(errors))

@@ -34,7 +34,7 @@ def ensure_ray(config: Config) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        _local_workers_use_this_interpreter()
+        local_workers_use_this_interpreter()
         local_cluster_on_loopback()
         # at least 4 logical CPUs: 2 training workers plus decode tasks fit on a small machine
         ray.init(address="local", _node_ip_address="127.0.0.1",
@@ -84,7 +84,7 @@ def quiet_ray_internals() -> None:
                       ).setLevel(logging.ERROR)
 
 
-def _local_workers_use_this_interpreter() -> None:
+def local_workers_use_this_interpreter() -> None:
     """Under `uv run`, Ray by default ships the current directory as a `working_dir` package
     (the whole project, .venv included: gigabytes, hashed at every start) and starts every
     worker through `uv run`. A local cluster's workers already share this interpreter and its

@@ -1,24 +1,81 @@
-"""Entry points of a whole run: `run` (images), `cluster_embeddings` (precomputed) and `demo`.
+"""The ordered list of stages, and the entry points that run them: `run` (images or, with
+`input.embeddings`, precomputed embeddings), `embed`, `cluster_embeddings` and `stage` (one stage
+on an existing run directory, what `rayclust stage`, job entry points and Tune trials call).
 
-Each writes the resolved config to `<run>/config.yaml`, runs the stages in order (skipping those
-already complete in the run directory) and returns a dict of the URIs it wrote plus the metrics.
+Every stage is `run_<stage>(config, run) -> list of URIs written`: it reads its inputs only from
+the run directory, writes `_SUCCESS` (with a fresh stamp) when complete, and does nothing when it
+is complete already for the same settings and inputs. A run killed between two stages therefore
+resumes with the next stage only. Stage modules are imported when their stage runs: the CLI
+imports this module, and a wrong input should fail in a second, not after importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
+from typing import Callable
+
+import yaml
 
 from rayclust import storage
-from rayclust.config import Config, ConfigError, to_yaml
-from rayclust.pipeline.corpus import Corpus
-from rayclust.pipeline.embed import embed_images
+from rayclust.config import Config, ConfigError, apply_overrides, from_dict, to_yaml
+from rayclust.pipeline.embed import read_import
 from rayclust.pipeline.progress import log
 from rayclust.pipeline.run_directory import RunDirectory
-from rayclust.pipeline.vocabulary import embed_vocabulary, read_vocabulary
+from rayclust.pipeline.run_tables import count_errors, read_vocabulary
+from rayclust.storage import StorageOptions
 
-# The errors part of the rows `Corpus.read` set aside: one deterministic name, so a re-run
-# rewrites it instead of adding a second copy (README "The run directory").
-CORPUS_ERRORS_PART = "part-embeddings.parquet"
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    entry: str                                  # "module:function", imported when it runs
+    folder: Callable[[RunDirectory], str]       # where its outputs and `_SUCCESS` go
+    needs: Callable[[Config], tuple[str, ...]]  # stages whose outputs it reads
+    applies: Callable[[Config], bool] = lambda config: True
+
+    def function(self) -> Callable[[Config, RunDirectory], list[str]]:
+        module, _, name = self.entry.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("embed", "rayclust.pipeline.embed:run_embed", lambda r: r.embeddings, lambda c: ()),
+    Stage("vocabulary", "rayclust.pipeline.vocabulary:run_vocabulary", lambda r: r.vocabulary,
+          lambda c: ()),
+    Stage("stage1", "rayclust.pipeline.stage1:run_stage1", lambda r: r.stage1,
+          lambda c: ("embed", "vocabulary")),
+    Stage("stage2", "rayclust.pipeline.stage2:run_stage2", lambda r: r.stage2,
+          lambda c: ("embed", "vocabulary", "stage1"), applies=lambda c: c.stage2.enabled),
+    Stage("assign", "rayclust.pipeline.assign:run_assign", lambda r: r.assignments,
+          lambda c: ("embed", "stage1", *(("stage2",) if c.stage2.enabled else ()))),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ConfigError(f"unknown stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")
+
+
+def run_stage(name: str, config: Config, run: RunDirectory) -> tuple[list[str], bool]:
+    """Run one stage on `run`; (URIs written, whether it did work or was complete already)."""
+    stage = get_stage(name)
+    for need in stage.needs(config):
+        folder = get_stage(need).folder(run)
+        if not run.is_complete(folder):
+            raise ConfigError(f"stage `{name}` needs the output of stage `{need}`, which has not "
+                              f"completed in {run.root} ({run.success(folder)} is "
+                              f"missing): run `rayclust stage {need} --run-dir {run.root}` first")
+    before = run.stamp(stage.folder(run))
+    uris = stage.function()(config, run)
+    ran = run.stamp(stage.folder(run)) != before
+    if not ran:
+        log.info("%s: complete in %s, skipped", name, stage.folder(run))
+    return uris, ran
 
 
 def open_run(config: Config, run_dir: str) -> RunDirectory:
@@ -29,38 +86,23 @@ def open_run(config: Config, run_dir: str) -> RunDirectory:
     return run
 
 
-def _count_errors(run: RunDirectory) -> int:
-    if not storage.exists(run.errors, run.options):
-        return 0
-    files = storage.parquet_files(run.errors, run.options)
-    return sum(storage.read_parquet(f, run.options, ["uri"]).num_rows for f in files)
+def _run_stages(config: Config, run: RunDirectory) -> dict:
+    stages, written = {}, {}
+    for stage in STAGES:
+        if stage.applies(config):
+            written[stage.name], ran = run_stage(stage.name, config, run)
+            stages[stage.name] = "ran" if ran else "skipped"
+    return _outputs(run, stages, written)
 
 
-def _finish(config: Config, run: RunDirectory, corpus: Corpus, vocabulary_uri: str,
-            embeddings_uri: str) -> dict:
-    # torch, open_clip and the method layer load here, not at import: the CLI imports this
-    # module, and a wrong input file should fail in a second, not after importing torch (many seconds).
-    from rayclust.pipeline.assign import write_outputs
-    from rayclust.pipeline.stage1 import train_stage1
-
-    result, summary = train_stage1(config, run, corpus, vocabulary_uri, embeddings_uri)
-    extra = {"errors": _count_errors(run), "run_dir": run.root}
-    if config.stage2.enabled:
-        from rayclust.pipeline.stage2 import run_stage2
-
-        stage2 = run_stage2(config, run, corpus, result, vocabulary_uri)
-        if stage2 is None:
-            extra["stage2"] = {"skipped": "the language guard kept k-means"}
-        else:
-            extra["stage1_assignment"] = {"source": result.source, "label_free":
-                                          result.scores.get(result.source, {})}
-            if corpus.labels is not None:
-                from rayclust.method.metrics import label_metrics
-                extra["stage1_assignment"]["labels"] = label_metrics(corpus.labels,
-                                                                     result.labels)
-            result, extra["stage2"] = stage2
-    outputs = write_outputs(config, run, corpus, result, summary, extra)
-    return {"run_dir": run.root, "config": run.config, "vocabulary": vocabulary_uri, **outputs}
+def _outputs(run: RunDirectory, stages: dict, written: dict) -> dict:
+    out = {"run_dir": run.root, "config": run.config, "stages": stages, "written": written,
+           "vocabulary": run.vocabulary_table()}
+    if run.is_complete(run.assignments):
+        out.update(assignments=storage.parquet_files(run.assignments, run.options),
+                   clusters=run.clusters, metrics=run.metrics,
+                   metrics_values=run.read_json(run.metrics))
+    return out
 
 
 def check_model(config: Config, dimension: int | None = None) -> None:
@@ -94,53 +136,21 @@ def check_model(config: Config, dimension: int | None = None) -> None:
                           "--vocabulary")
 
 
-def _read_corpus(config: Config, rd: RunDirectory, uri: str, stage: str) -> Corpus:
-    """The corpus at `uri`, its unusable rows written to `<run>/errors/` and logged."""
-    corpus = Corpus.read(uri, rd.options, stage=stage)
-    _write_rejected(rd, corpus)
-    _check_enough_rows(config, corpus, uri)
-    return corpus
-
-
-def _write_rejected(rd: RunDirectory, corpus: Corpus) -> None:
-    target = storage.join(rd.errors, CORPUS_ERRORS_PART)
-    if corpus.rejected:
-        from rayclust.tables import errors_table
-        rd.write_table(errors_table(corpus.rejected), target)
-        log.warning("%d row(s) of the embeddings skipped (NaN, zero, wrong length or repeated "
-                    "id); see %s", len(corpus.rejected), target)
-    elif rd.exists(target):  # from an earlier run over a different file
-        storage.delete(target, rd.options)
-
-
-def _check_enough_rows(config: Config, corpus: Corpus, uri: str) -> None:
-    if len(corpus.ids) < config.clusters:
-        skipped = f" ({len(corpus.rejected)} more skipped as unusable)" if corpus.rejected else ""
-        raise ConfigError(f"{uri}: {len(corpus.ids)} usable embedding(s){skipped} cannot form "
-                          f"{config.clusters} clusters; lower `clusters`")
-
-
 def run(config: Config, run_dir: str) -> dict:
-    """Images -> embeddings -> vocabulary -> stage 1 -> assignments (ARCHITECTURE.md)."""
-    check_model(config)
-    rd = open_run(config, run_dir)
-    embed_images(config, rd)
-    vocabulary_uri = embed_vocabulary(config, rd)
-    if not any(storage.read_parquet(p, rd.options, ["id"]).num_rows
-               for p in storage.parquet_files(rd.embeddings, rd.options)):
-        raise ConfigError(f"no image could be embedded; see the errors in {rd.errors}")
-    corpus = _read_corpus(config, rd, rd.embeddings, stage="embed")
-    return _finish(config, rd, corpus, vocabulary_uri, rd.embeddings)
+    """Every stage in order (ARCHITECTURE.md), skipping those complete in the run directory."""
+    if not config.input.embeddings:
+        check_model(config)
+    return _run_stages(config, open_run(config, run_dir))
 
 
 def embed(config: Config, run_dir: str) -> dict:
-    """The embedding stage alone: manifest, embeddings, errors, thumbnails."""
+    """The embed stage alone: manifest, embeddings, errors, thumbnails."""
     check_model(config)
     rd = open_run(config, run_dir)
-    parts = embed_images(config, rd)
+    parts, _ = run_stage("embed", config, rd)
     images = sum(storage.read_parquet(p, rd.options, ["id"]).num_rows for p in parts)
     return {"run_dir": rd.root, "embeddings": parts, "images": images,
-            "errors": _count_errors(rd)}
+            "errors": count_errors(rd)}
 
 
 def cluster_embeddings(config: Config, run_dir: str, embeddings: str,
@@ -152,18 +162,17 @@ def cluster_embeddings(config: Config, run_dir: str, embeddings: str,
     from the same CLIP model; without it the nouns are encoded with `model.*`.
 
     The inputs are checked before anything is written or Ray is started, so a wrong file fails
-    in seconds. Unusable rows go to `<run>/errors/part-embeddings.parquet` and the rest are
-    clustered (corpus.py).
+    in seconds (the embed stage then reads the file again to import it). Unusable rows go to
+    `<run>/errors/part-embeddings.parquet` and the rest are clustered.
     """
     if not storage.exists(embeddings, config.storage):
         raise ConfigError(f"--embeddings {embeddings} does not exist")
+    config.input.embeddings = embeddings
     if vocabulary is not None:
         if not storage.exists(vocabulary, config.storage):
             raise ConfigError(f"--vocabulary {vocabulary} does not exist")
         config.vocabulary.embeddings = vocabulary
-    corpus = Corpus.read(embeddings, config.storage, stage="cluster-embeddings")
-    _check_enough_rows(config, corpus, embeddings)
-    dimension = corpus.features.shape[1]
+    dimension = read_import(config).features.shape[1]
     if config.vocabulary.embeddings:
         _, nouns = read_vocabulary(config.vocabulary.embeddings, config.storage)
         if nouns.shape[1] != dimension:
@@ -174,8 +183,37 @@ def cluster_embeddings(config: Config, run_dir: str, embeddings: str,
         del nouns
     else:
         check_model(config, dimension)
-    rd = open_run(config, run_dir)
-    _write_rejected(rd, corpus)
-    log.info("cluster-embeddings: %d embeddings of dimension %d", len(corpus.ids), dimension)
-    vocabulary_uri = embed_vocabulary(config, rd)
-    return _finish(config, rd, corpus, vocabulary_uri, embeddings)
+    log.info("cluster-embeddings: embeddings of dimension %d from %s", dimension, embeddings)
+    return run(config, run_dir)
+
+
+def read_run_config(run_dir: str, options, overrides: list[str] | None = None) -> Config:
+    """The config a run directory was made with, plus `overrides` (KEY=VALUE)."""
+    uri = RunDirectory(run_dir, options).config
+    if not storage.exists(uri, options):
+        raise ConfigError(f"{run_dir} is not a run directory (it has no config.yaml); create "
+                          "one with `rayclust run` or `rayclust embed`")
+    data = yaml.safe_load(storage.read_text(uri, options)) or {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def stage(name: str, run_dir: str, overrides: list[str] | None = None, options=None) -> dict:
+    """Run stage `name` on the run directory `run_dir` with the config it holds (plus
+    `overrides`, which are written back to its config.yaml)."""
+    get_stage(name)  # an unknown name fails before anything is read
+    config = read_run_config(run_dir, options or StorageOptions(), overrides)
+    if not get_stage(name).applies(config):
+        raise ConfigError(f"stage `{name}` is off in this run's config; add --set "
+                          f"{name}.enabled=true to run it")
+    rd = RunDirectory(run_dir, config.storage)
+    if overrides:
+        storage.write_text(rd.config, to_yaml(config), config.storage)
+    if name in ("embed", "vocabulary") and not config.input.embeddings:
+        check_model(config)
+    written, ran = run_stage(name, config, rd)
+    return {**_outputs(rd, {name: "ran" if ran else "skipped"}, {name: written}),
+            "stage": name}
+
+
+__all__ = ["STAGES", "STAGE_NAMES", "Stage", "check_model", "cluster_embeddings", "embed",
+           "open_run", "read_run_config", "run", "run_stage", "stage"]

@@ -1,7 +1,8 @@
 """The stage-2 loop of one Ray Train worker (ALGORITHM.md 4.4, RAY.md 2.3-2.4).
 
 Model: the open_clip vision tower with an adapter (`stage2.adapter`), followed by the stage-1
-image head; the text tower and text head stay frozen. Each step takes a batch of uint8 images
+estimator's image classifier (`Estimator.image_classifier`, loaded from `stage1/model.pt`, which
+also gives K); the text tower and the text head are not part of it. Each step takes a batch of uint8 images
 from this worker's stream for the epoch, makes the strong view on the device, and minimises the
 confidence-weighted cross-entropy against the pseudo-label table (or, with `refresh_epochs: 0`,
 against online labels from the batch's weak view).
@@ -24,23 +25,25 @@ hash, so a restarted worker group resumes with exactly that table.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 
-from rayclust import storage
 from rayclust.config import from_dict
-from rayclust.method import make_method
 from rayclust.method.adapters import adapter_state_dict, apply_adapter, load_adapter_state_dict
 from rayclust.method.augment import StrongAugment
+from rayclust.method.estimators import load_estimator
 from rayclust.method.pseudo_labels import ConfidenceEMA, PseudoLabelTable
 from rayclust.method.sampling import steps_per_epoch
 from rayclust.method.self_enhance import (SelfEnhancedModel, SelfEnhanceStep, compile_tower,
-                                          freeze_text_branch, make_optimizer, predict_uint8,
-                                          trainable_parameters)
+                                          make_optimizer, predict_uint8, trainable_parameters)
 from rayclust.pipeline import train_runtime
+from rayclust.pipeline.clip_actors import load_clip
+from rayclust.pipeline.image_stream import epoch_batches, epoch_dataset, refresh_dataset
 from rayclust.pipeline.progress import log
 from rayclust.pipeline.run_directory import RunDirectory
+from rayclust.pipeline.run_tables import read_images
 
 
 def _all_reduce(x: torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
@@ -54,36 +57,31 @@ def _all_reduce(x: torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
 
 class _Worker:
     def __init__(self, cfg: dict):
-        from rayclust.pipeline.embed import _load
-
         self.cfg = cfg
         self.config = config = from_dict(cfg["config"])
         self.s2 = config.stage2
-        self.run = RunDirectory(cfg["run"], config.storage)
+        self.run = run = RunDirectory(cfg["run"], config.storage)
         self.rank, self.world = train_runtime.rank_and_size()
         self.device = train_runtime.device()
-        from rayclust.pipeline.stage2 import read_images
-
-        self.images = read_images(self.run, cfg["images"])
+        self.images = read_images(run)
         self.ids = self.images["id"].to_pylist()
-        encoder = _load(config, str(self.device))
+        encoder = load_clip(config, str(self.device))
         self.preprocess = encoder.preprocess
         self.mean, self.std = encoder.preprocess.mean, encoder.preprocess.std
         visual = encoder.model.visual
         del encoder  # the text tower is not needed here
-        stage1 = self.run.load_torch(cfg["stage1_model"])
-        heads = make_method(config).objective().build(stage1["dim"])[0]
-        heads.load_state_dict(stage1["model"])
-        self.visual, self.heads = visual, heads
+        estimator = load_estimator(run.load_torch(run.model(run.stage1)))
+        self.n_clusters = estimator.n_clusters
+        self.visual, self.heads = visual, estimator.state_.module
         apply_adapter(visual, self.s2.adapter, rank=self.s2.lora_rank, alpha=self.s2.lora_alpha,
                       blocks=self.s2.unfreeze_blocks, seed=config.seed)
-        freeze_text_branch(heads)
         if self.s2.compile:
             compile_tower(visual)
-        self.model = SelfEnhancedModel(visual, heads, self.mean, self.std).to(self.device)
+        self.model = SelfEnhancedModel(visual, estimator.image_classifier(), self.mean,
+                                       self.std).to(self.device)
         self.optimizer = make_optimizer(trainable_parameters(self.model), self.s2.learning_rate,
                                         self.s2.weight_decay)
-        self.ema = ConfidenceEMA(config.clusters, self.s2.confidence_momentum).to(self.device)
+        self.ema = ConfidenceEMA(self.n_clusters, self.s2.confidence_momentum).to(self.device)
         self.autocast = self.device.type == "cuda"
         self.history: list[dict] = []
         self.resumes: list[int] = []
@@ -93,15 +91,16 @@ class _Worker:
         return {"epoch": epoch, "adapter": adapter_state_dict(self.visual),
                 "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict(), "table_epoch": table_epoch,
-                "table": _table_uri(self.run, table_epoch), "table_hash": table.hash(),
+                "table": self.run.pseudo_label_table(table_epoch), "table_hash": table.hash(),
                 "history": self.history, "resumes": self.resumes}
 
     def restore(self) -> tuple[int, int, PseudoLabelTable]:
         saved = train_runtime.restored_state(self.device)
         if saved is None:
-            table = self.read_table(self.cfg["first_table"])
+            first = self.run.pseudo_label_table(0)
+            table = self.read_table(first)
             if table.hash() != self.cfg["first_table_hash"]:
-                raise RuntimeError(f"{self.cfg['first_table']} changed since stage 2 was prepared")
+                raise RuntimeError(f"{first} changed since stage 2 was prepared")
             return 0, 0, table
         load_adapter_state_dict(self.visual, saved["adapter"])
         self.heads.load_state_dict(saved["heads"])
@@ -123,8 +122,6 @@ class _Worker:
     # -- the table
     def refresh(self, epoch: int, previous: PseudoLabelTable) -> PseudoLabelTable:
         """Predict the images this worker owns; all-reduce into the identical full table."""
-        from rayclust.pipeline.stage2 import images_dataset
-
         started = time.perf_counter()
         n = len(self.ids)
         labels = torch.zeros(n, dtype=torch.long)
@@ -132,8 +129,8 @@ class _Worker:
         seen = torch.zeros(n, dtype=torch.int32)
         failed = torch.zeros(n, dtype=torch.int32)
         model = train_runtime.unwrap(self.model)
-        dataset = images_dataset(self.config, self.run, self.preprocess, self.rank, self.world,
-                                 self.images)
+        dataset = refresh_dataset(self.config, self.images, self.preprocess, self.rank,
+                                  self.world)
         for batch in dataset.iter_batches(batch_size=self.s2.inference_batch_size,
                                           batch_format="numpy"):
             idx, ok = torch.as_tensor(batch["idx"].copy()), torch.as_tensor(batch["ok"].copy())
@@ -158,20 +155,18 @@ class _Worker:
         table = PseudoLabelTable.from_predictions(labels, confidence)
         run = self.run
         if self.rank == 0:
-            run.write_table(table.to_arrow(self.ids), _table_uri(run, epoch))
+            run.write_table(table.to_arrow(self.ids), run.pseudo_label_table(epoch))
             log.info("stage 2: pseudo-label table for epoch %d (%d images, mean confidence "
                      "%.3f, %d unreadable) in %.1fs", epoch, n, float(table.confidence.mean()),
                      int(failed.sum()), time.perf_counter() - started)
-        run.write_json(storage.join(run.stage2, "sync", f"epoch-{epoch:04d}-rank-{self.rank}.json"),
+        run.write_json(run.sync_record(epoch, self.rank),
                        {"epoch": epoch, "rank": self.rank, "world": self.world, "rows": n,
                         "hash": table.hash(), "unreadable": int(failed.sum())})
         return table
 
     # -- one epoch
     def train_epoch(self, epoch: int, table: PseudoLabelTable, step: SelfEnhanceStep) -> dict:
-        from rayclust.pipeline.stage2 import epoch_batches, epoch_dataset
-
-        s2, k = self.s2, self.config.clusters
+        s2, k = self.s2, self.n_clusters
         steps = steps_per_epoch(len(self.ids), s2.batch_size, self.world)
         dataset = epoch_dataset(self.config, self.images, self.preprocess, epoch, self.rank,
                                 self.world)
@@ -207,15 +202,7 @@ class _Worker:
                 "images_per_second_per_worker": images / seconds if seconds else 0.0}
 
 
-def _table_uri(run: RunDirectory, epoch: int) -> str:
-    from rayclust.pipeline.stage2 import table_uri
-
-    return table_uri(run, epoch)
-
-
 def stage2_worker(cfg: dict) -> None:
-    import warnings
-
     from ray.train.torch import prepare_model
 
     train_runtime.quiet_worker()
@@ -230,6 +217,7 @@ def stage2_worker(cfg: dict) -> None:
     step = SelfEnhanceStep(w.model, w.optimizer, w.mean, w.std, w.device, augment=augment,
                            autocast=w.autocast)
     while epoch < s2.epochs:
+        train_runtime.fault_point(cfg.get("fault"), w.run.stage2, epoch)
         if s2.refresh_epochs and epoch > table_epoch and epoch % s2.refresh_epochs == 0:
             table, table_epoch = w.refresh(epoch, table), epoch
         stats = w.train_epoch(epoch, table, step)
@@ -248,8 +236,8 @@ def stage2_worker(cfg: dict) -> None:
         run.save_torch({"adapter": adapter_state_dict(w.visual), "heads": w.heads.state_dict(),
                         "adapter_kind": s2.adapter, "model": [w.config.model.name,
                                                                w.config.model.pretrained],
-                        "config": cfg["config"]}, storage.join(run.stage2, "model.pt"))
-        run.write_json(storage.join(run.stage2, "final.json"),
-                       {"table": _table_uri(run, s2.epochs), "table_hash": final.hash(),
+                        "config": cfg["config"]}, run.model(run.stage2))
+        run.write_json(run.stage2_file("final.json"),
+                       {"table": run.pseudo_label_table(s2.epochs), "table_hash": final.hash(),
                         "history": w.history, "resumes": w.resumes,
                         "final_mean_confidence": float(final.confidence.mean())})

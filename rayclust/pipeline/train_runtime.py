@@ -11,16 +11,24 @@ Checkpoints hold one `state.pt` written by rank 0; every rank calls `report` (it
 
 from __future__ import annotations
 
+import glob
 import io
+import logging
 import os
+import signal
 import tempfile
+import time
 from typing import Any, Callable
 
 from rayclust import storage
 from rayclust.config import Config, ConfigError
+from rayclust.pipeline.ray_runtime import cluster_cpus, cluster_gpus
 from rayclust.pipeline.run_directory import RunDirectory
 
 STATE_FILE = "state.pt"
+# Testing hook (see `fault_point`): "<stage>:<epoch>:<rank>", read by the driver and handed to
+# the workers in their loop config (a running cluster's workers do not see the driver's env).
+FAULT_ENV = "RAYCLUST_FAULT_KILL_WORKER"
 
 
 def worker_count(config: Config, minimum: int = 0) -> int:
@@ -28,16 +36,12 @@ def worker_count(config: Config, minimum: int = 0) -> int:
 
     Counting GPUs joins or starts the Ray cluster first (ray_runtime.cluster_resources).
     """
-    from rayclust.pipeline.ray_runtime import cluster_gpus
-
     if config.train.workers is not None:
         return max(config.train.workers, minimum)
     return max(int(cluster_gpus(config)), minimum)
 
 
 def uses_gpu(config: Config) -> bool:
-    from rayclust.pipeline.ray_runtime import cluster_gpus
-
     if config.train.use_gpu is not None:
         if config.train.use_gpu and not cluster_gpus(config):
             raise ConfigError("train.use_gpu is true but the Ray cluster has no GPU")
@@ -48,8 +52,6 @@ def uses_gpu(config: Config) -> bool:
 def check_room(config: Config, workers: int, decode: bool) -> None:
     """Fail with a message instead of hanging when the workers would leave no CPU for the Ray
     Data decode tasks that feed them (Ray would wait for a CPU forever)."""
-    from rayclust.pipeline.ray_runtime import cluster_cpus
-
     cpus = cluster_cpus(config)
     need = workers * config.train.cpus_per_worker + (config.embed.decode_cpus if decode else 0)
     if need > cpus:
@@ -64,8 +66,6 @@ def quiet_worker() -> None:
     """First call in each training worker: rank 0 logs rayclust's own epoch lines, so Ray Data's
     per-worker progress bars, Ray Train's per-report INFO lines (logged under a file-path logger
     name that `LoggingConfig` does not filter) and open_clip's INFO chatter are turned off."""
-    import logging
-
     import ray
     from ray.data import DataContext
 
@@ -103,6 +103,7 @@ def fit(loop: Callable[[dict], Any], loop_config: dict, config: Config, run: Run
         checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         # rayclust logs each epoch itself; Ray Train's INFO lines repeat every report per rank
         logging_config=LoggingConfig(log_level="WARNING"))
+    loop_config = {**loop_config, "fault": os.environ.get(FAULT_ENV)}
     trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=datasets)
     result = trainer.fit()
@@ -158,3 +159,31 @@ def report(metrics: dict, state: dict | None, checkpoint_name: str | None) -> No
 def unwrap(model):
     """The module inside a DistributedDataParallel wrapper."""
     return getattr(model, "module", model)
+
+
+def fault_point(fault: str | None, stage_dir: str, epoch: int) -> None:
+    """Testing hook, called by each worker at the start of every epoch. With `fault` =
+    "<stage>:<epoch>:<rank>" (from RAYCLUST_FAULT_KILL_WORKER, e.g. "stage2:2:1"), that rank
+    SIGKILLs itself at the start of that epoch, as a lost node would, but only once the Train
+    controller has registered the checkpoint reported just before (`epoch-<epoch>`): the restart
+    then resumes from it whatever the machine's speed. A marker file in the stage folder makes it
+    fire once per run directory. Local run directories only; a no-op without `fault`."""
+    if not fault:
+        return
+    stage, at_epoch, at_rank = fault.split(":")
+    if (os.path.basename(stage_dir.rstrip("/")) != stage or int(at_epoch) != epoch
+            or rank_and_size()[0] != int(at_rank)):
+        return
+    fired = os.path.join(stage_dir, "fault-injected")
+    if os.path.exists(fired):
+        return
+    wanted = f'"epoch-{epoch:04d}"'
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for snapshot in glob.glob(os.path.join(stage_dir, "train-*",
+                                               "checkpoint_manager_snapshot.json")):
+            with open(snapshot) as f:
+                if wanted in f.read():
+                    open(fired, "w").close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.05)

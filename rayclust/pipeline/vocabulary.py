@@ -1,7 +1,7 @@
 """Vocabulary stage: noun text embeddings (TAC's 7-template ensemble), cached per model.
 
-Writes `<run>/vocabulary/part-00000.parquet` (noun, embedding). Encoding ~118k nouns x 7 prompts
-is the most expensive text work of a run, so results are cached under
+Writes `<run>/vocabulary/part-00000.parquet` (noun, embedding; `run_tables` reads it). Encoding
+~118k nouns x 7 prompts is the most expensive text work of a run, so results are cached under
 `vocabulary.cache_dir/<model cache key>/<hash of nouns, templates, variant>.parquet` and reused by
 every later run with the same model. `vocabulary.embeddings` skips encoding entirely.
 """
@@ -15,37 +15,15 @@ import numpy as np
 import pyarrow as pa
 
 from rayclust import storage
-from rayclust.config import Config, ConfigError
+from rayclust.config import Config
+from rayclust.pipeline.clip_actors import EncodeNouns, actor_resources, describe_encoder
 from rayclust.pipeline.progress import Progress, log
-from rayclust.pipeline.run_directory import RunDirectory, part_name
-from rayclust.tables import embedding_array, embedding_matrix
+from rayclust.pipeline.ray_runtime import configure_data, ensure_ray
+from rayclust.pipeline.run_directory import RunDirectory
+from rayclust.pipeline.run_tables import read_vocabulary, vocabulary_table
 from rayclust.vocabulary import TAC_TEMPLATES, load_nouns
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "rayclust", "vocabulary")
-
-
-def vocabulary_table(nouns: list[str], matrix: np.ndarray) -> pa.Table:
-    return pa.table({"noun": pa.array(nouns, pa.string()),
-                     "embedding": embedding_array(matrix, "float32")})
-
-
-def read_vocabulary(uri: str, options) -> tuple[list[str], np.ndarray]:
-    """(nouns, (n, D) matrix); a file that is not a usable vocabulary is a user error."""
-    try:
-        table = storage.read_parquet(uri, options)
-    except pa.ArrowException as exc:  # not Parquet at all (magic bytes, footer)
-        raise ConfigError(f"vocabulary {uri} is not a readable Parquet file ({exc})") from None
-    missing = {"noun", "embedding"} - set(table.column_names)
-    if missing:
-        raise ConfigError(f"vocabulary {uri} lacks column(s) {', '.join(sorted(missing))}; "
-                          "expected (noun, embedding)")
-    try:
-        matrix = embedding_matrix(table["embedding"])
-    except ValueError as exc:  # ragged, null or non-numeric vectors
-        raise ConfigError(f"vocabulary {uri}: {exc}") from None
-    if not len(matrix):
-        raise ConfigError(f"vocabulary {uri} has no rows")
-    return table["noun"].to_pylist(), matrix
 
 
 def _cache_uri(config: Config, cache_key: str, nouns: list[str]) -> str:
@@ -56,28 +34,10 @@ def _cache_uri(config: Config, cache_key: str, nouns: list[str]) -> str:
     return storage.join(root, cache_key, f"{digest.hexdigest()[:20]}.parquet")
 
 
-class EncodeNouns:
-    """Ray Data callable class: the text tower of the same open_clip model, one prompt ensemble
-    per noun (the same actor pattern as the image encoder)."""
-
-    def __init__(self, config: Config):
-        from rayclust.pipeline.embed import load_on_actor
-        self.encoder = load_on_actor(config)
-        self.config = config
-
-    def __call__(self, batch: dict) -> dict:
-        matrix = self.encoder.encode_prompt_ensemble(
-            list(batch["noun"]), TAC_TEMPLATES, batch_size=self.config.model.text_batch_size,
-            normalize_templates=self.config.vocabulary.normalize_templates).numpy()
-        return {"index": batch["index"], "embedding": matrix}
-
-
 def encode_nouns(config: Config, nouns: list[str]) -> np.ndarray:
     """(len(nouns), D) prompt-ensemble embeddings through a pool of encoder actors."""
     import ray
     from ray.data import ActorPoolStrategy
-
-    from rayclust.pipeline.embed import actor_resources
 
     actors, gpus = actor_resources(config)
     per_batch = max(1, config.model.text_batch_size // len(TAC_TEMPLATES))
@@ -97,11 +57,12 @@ def encode_nouns(config: Config, nouns: list[str]) -> np.ndarray:
     return matrix
 
 
-def embed_vocabulary(config: Config, run: RunDirectory) -> str:
-    """Write the run's vocabulary table, encoding the nouns only when no cache has them."""
-    target = storage.join(run.vocabulary, part_name(0))
+def run_vocabulary(config: Config, run: RunDirectory) -> list[str]:
+    """The vocabulary stage: write the run's vocabulary table, encoding the nouns only when no
+    cache has them (or taking `vocabulary.embeddings`)."""
+    target = run.vocabulary_table()
     if run.is_complete(run.vocabulary):
-        return target
+        return [target]
     vc = config.vocabulary
     if vc.embeddings:
         nouns, matrix = read_vocabulary(vc.embeddings, config.storage)
@@ -110,9 +71,6 @@ def embed_vocabulary(config: Config, run: RunDirectory) -> str:
     else:
         nouns = load_nouns(vc.source, vc.max_nouns,
                            read_text=lambda uri: storage.read_text(uri, config.storage))
-        from rayclust.pipeline.embed import describe_encoder
-        from rayclust.pipeline.ray_runtime import configure_data, ensure_ray
-
         ensure_ray(config)
         configure_data(config)
         cache = _cache_uri(config, describe_encoder(config).cache_key, nouns)
@@ -126,5 +84,5 @@ def embed_vocabulary(config: Config, run: RunDirectory) -> str:
             except OSError as exc:  # a read-only cache must not fail the run
                 log.warning("vocabulary: could not write cache %s: %s", cache, exc)
     run.write_table(vocabulary_table(nouns, matrix), target)
-    run.mark_complete(run.vocabulary, {"nouns": len(nouns)})
-    return target
+    run.mark_complete(run.vocabulary, {"nouns": len(nouns), "dimension": int(matrix.shape[1])})
+    return [target]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -101,8 +102,10 @@ def _kept_kmeans(monkeypatch, device, centroid_device, centroid_dtype=torch.floa
     fit.centroids = fit.centroids.to(centroid_device, centroid_dtype)
     fit.labels = fit.labels.to(centroid_device)
     monkeypatch.setattr(estimators, "prefer_alternative", lambda cmp, margin: (True, "forced"))
-    e = torch.nn.functional.normalize(torch.tensor(nouns), dim=1)
-    model.result_ = model.finish(ut.to(device), e.to(device), names, fit)
+    # the public way to hand in cached pieces: fit again with them and the trained state (a
+    # state that completed every epoch trains no further)
+    pieces = dataclasses.replace(model.pieces_, kmeans=fit)
+    model.fit(u, nouns, names, pieces=pieces, state=model.state_)
     np.testing.assert_array_equal(model.labels_, fit.labels.cpu().numpy())
     return model, u, y
 
@@ -145,4 +148,4 @@ def test_tac_fit_planted_small():
     assert model.labels_.shape == (90,) and model.result_.source == "heads"
     assert len(model.cluster_names_) == 3
     np.testing.assert_array_equal(model.predict(u), model.labels_)
-    assert model.inputs_.image_neighbours.shape == (90, 5)
+    assert model.pieces_.inputs.image_neighbours.shape == (90, 5)

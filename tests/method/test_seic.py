@@ -134,8 +134,8 @@ def test_prepare_seic():
     u = F.normalize(torch.randn(45, 8, generator=g), dim=1)
     nouns = F.normalize(torch.randn(70, 8, generator=g), dim=1)
     cfg = SEICConfig(candidate_nouns_per_centre=6, nouns_per_image=4)
-    inputs, candidates, fit = prepare_seic(u, nouns, 3, cfg, KMeansConfig(iterations=10,
-                                                                           restarts=1))
+    pieces = prepare_seic(u, nouns, 3, cfg, KMeansConfig(iterations=10, restarts=1))
+    inputs, candidates, fit = pieces.inputs, pieces.nouns_used, pieces.kmeans
     assert fit.centroids.shape == (3, 8) and fit.labels.shape == (45,)
     assert 6 <= len(candidates) <= 18
     assert inputs.image is u and inputs.text.shape == (45, 8)

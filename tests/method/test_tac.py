@@ -142,7 +142,9 @@ def test_prepare_tac_shapes_and_tables():
     u = F.normalize(torch.randn(40, 8, generator=g), dim=1)
     nouns = F.normalize(torch.randn(60, 8, generator=g), dim=1)
     cfg = TACConfig(semantic_centres=5, nouns_per_centre=3, knn=50)  # knn clipped to N - 1
-    inputs, selected = prepare_tac(u, nouns, 3, cfg, KMeansConfig(iterations=10, restarts=1))
+    pieces = prepare_tac(u, nouns, 3, cfg, KMeansConfig(iterations=10, restarts=1))
+    inputs, selected = pieces.inputs, pieces.nouns_used
+    assert pieces.kmeans is None  # M semantic centres, no K-centre fit for the guard
     assert inputs.text.shape == (40, 8)
     assert torch.allclose(inputs.text.norm(dim=1), torch.ones(40), atol=1e-5)
     assert inputs.image_neighbours.shape == (40, 39) and inputs.text_neighbours.shape == (40, 39)

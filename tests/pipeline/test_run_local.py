@@ -157,23 +157,22 @@ def test_cached_global_pieces_load_to_the_working_device(finished_run):
     device stands in for a GPU here; tests/test_gpu.py repeats a run on CUDA."""
     import torch
 
-    from rayclust.method import make_method
-    from rayclust.pipeline.corpus import Corpus
+    from rayclust.pipeline.method_mapping import estimator_for
     from rayclust.pipeline.run_directory import RunDirectory
-    from rayclust.pipeline.stage1 import _global_pieces
-    from rayclust.pipeline.vocabulary import read_vocabulary
+    from rayclust.pipeline.run_tables import read_corpus, read_run_vocabulary
+    from rayclust.pipeline.stage1 import global_pieces
 
     config, run_dir, _ = finished_run
     run_directory = RunDirectory(run_dir, config.storage)
-    corpus = Corpus.read(os.path.join(run_dir, "embeddings"), config.storage)
-    nouns, matrix = read_vocabulary(os.path.join(run_dir, "vocabulary"), config.storage)
-    estimator = make_method(config)
+    corpus = read_corpus(run_directory)
+    nouns, matrix = read_run_vocabulary(run_directory)
+    estimator = estimator_for(config, torch.device("meta"))
     u, e = torch.tensor(corpus.features), torch.tensor(matrix)
-    inputs, kmeans_fit = _global_pieces(config, run_directory, corpus, estimator, u, e,
-                                        len(nouns), torch.device("meta"))
-    assert inputs.text.device.type == "meta"
-    assert estimator.nouns_used_.device.type == "meta"
-    assert kmeans_fit.centroids.device.type == "meta" and kmeans_fit.labels.device.type == "meta"
+    pieces = global_pieces(config, run_directory, estimator, u, e)
+    assert pieces.inputs.text.device.type == "meta"
+    assert pieces.nouns_used.device.type == "meta"
+    assert pieces.kmeans.centroids.device.type == "meta"
+    assert pieces.kmeans.labels.device.type == "meta"
 
 
 def test_cluster_embeddings_from_precomputed(finished_run, tmp_path):

@@ -1,7 +1,6 @@
 """The stage-2 worker loop in Ray Train local mode (`num_workers=0`: in this process, no worker
 start-up), with online pseudo-labels (`refresh_epochs: 0`)."""
 
-import os
 import shutil
 
 import numpy as np
@@ -11,7 +10,7 @@ from rayclust.method import ClusterResult
 from rayclust.method.pseudo_labels import PseudoLabelTable
 from rayclust.pipeline import stage2
 from rayclust.pipeline.run_directory import RunDirectory
-from rayclust.pipeline.stage1 import Corpus
+from rayclust.pipeline.corpus import Corpus
 from rayclust.pipeline.stage2_worker import stage2_worker
 from tests.pipeline.conftest import tiny_config
 
@@ -39,7 +38,7 @@ def test_stage2_loop_in_local_mode_with_online_labels(finished_run, image_folder
     TorchTrainer(stage2_worker, train_loop_config=loop_config,
                  scaling_config=ScalingConfig(num_workers=0)).fit()
 
-    final = run.read_json(os.path.join(run.stage2, "final.json"))
+    final = run.read_json(run.stage2_file("final.json"))
     (epoch,) = final["history"]
     # one worker: every image once, the last batch filled up from the epoch's first images
     assert epoch["steps"] == -(-len(corpus.ids) // 4)
@@ -49,5 +48,5 @@ def test_stage2_loop_in_local_mode_with_online_labels(finished_run, image_folder
     assert final["table"].endswith("epoch-0001.parquet") and table.hash() == final["table_hash"]
     assert len(table) == len(corpus.ids) and set(table.labels.tolist()) <= {0, 1, 2}
     # the first table is stage 1's result, verbatim
-    zero = PseudoLabelTable.from_arrow(run.read_table(stage2.table_uri(run, 0)), corpus.ids)
+    zero = PseudoLabelTable.from_arrow(run.read_table(run.pseudo_label_table(0)), corpus.ids)
     assert zero.labels.tolist() == list(labels)

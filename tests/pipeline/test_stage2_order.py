@@ -6,9 +6,10 @@ import pytest
 
 from rayclust.method import ClusterResult
 from rayclust.method.sampling import steps_per_epoch
-from rayclust.pipeline import stage2
-from rayclust.pipeline.embed import describe_encoder
+from rayclust.pipeline import image_stream, stage2
+from rayclust.pipeline.clip_actors import describe_encoder
 from rayclust.pipeline.run_directory import RunDirectory
+from rayclust.pipeline.run_tables import read_images
 from rayclust.synthetic import DEMO_CLASSES, generate_image_folder
 from tests.pipeline.conftest import tiny_config
 
@@ -49,7 +50,7 @@ def sorted_run(tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 2])
 def test_worker_batches_mix_a_class_sorted_corpus(sorted_run, world):
     config, run, classes = sorted_run
-    images = stage2.read_images(run)
+    images = read_images(run)
     preprocess = describe_encoder(config).preprocess
     n = len(classes)
     steps = steps_per_epoch(n, BATCH, world)
@@ -57,8 +58,8 @@ def test_worker_batches_mix_a_class_sorted_corpus(sorted_run, world):
     for epoch in (0, 1):
         seen = []
         for rank in range(world):
-            dataset = stage2.epoch_dataset(config, images, preprocess, epoch, rank, world)
-            batches = list(stage2.epoch_batches(config, dataset, steps))
+            dataset = image_stream.epoch_dataset(config, images, preprocess, epoch, rank, world)
+            batches = list(image_stream.epoch_batches(config, dataset, steps))
             assert len(batches) == steps  # every rank the same number of full steps
             for batch in batches:
                 assert len(batch["idx"]) == BATCH and batch["ok"].all()
@@ -81,8 +82,8 @@ def test_refresh_shares_cover_every_image_once(sorted_run):
     preprocess = describe_encoder(config).preprocess
     seen = []
     for rank in range(2):
-        for batch in stage2.images_dataset(config, run, preprocess, rank, 2).iter_batches(
-                batch_size=64, batch_format="numpy"):
+        dataset = image_stream.refresh_dataset(config, read_images(run), preprocess, rank, 2)
+        for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
             assert (batch["idx"] % 2 == rank).all()
             seen.extend(batch["idx"].tolist())
     assert sorted(seen) == list(range(len(classes)))

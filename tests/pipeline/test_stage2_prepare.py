@@ -28,16 +28,16 @@ def test_first_table_is_written_once_per_training(tmp_path):
     corpus = _Corpus()
     confidence = np.linspace(0.4, 0.9, 20, dtype=np.float32)
     first = stage2.prepare(config, run, corpus, _stage1(confidence), key="k1")
-    path = stage2.table_uri(run, 0)
+    path = run.pseudo_label_table(0)
     table = PseudoLabelTable.from_arrow(run.read_table(path), corpus.ids)
     assert first["first_table_hash"] == table.hash()
-    written = os.stat(path).st_mtime_ns, os.stat(stage2.images_uri(run)).st_mtime_ns
+    written = os.stat(path).st_mtime_ns, os.stat(run.stage2_file("images.parquet")).st_mtime_ns
 
     # the same training again, stage 1 recomputed elsewhere: one ulp off in every confidence
     elsewhere = np.nextafter(confidence, np.float32(1))
     again = stage2.prepare(config, run, corpus, _stage1(elsewhere), key="k1")
     assert again["first_table_hash"] == first["first_table_hash"]
-    assert (os.stat(path).st_mtime_ns, os.stat(stage2.images_uri(run)).st_mtime_ns) == written
+    assert (os.stat(path).st_mtime_ns, os.stat(run.stage2_file("images.parquet")).st_mtime_ns) == written
     assert PseudoLabelTable.from_arrow(run.read_table(path), corpus.ids).hash() == table.hash()
 
     # other settings (another key) train from scratch on the new stage-1 result
