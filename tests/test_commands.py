@@ -30,6 +30,10 @@ from rayclust import storage
 from rayclust.synthetic import generate_image_folder
 from tests.pipeline.conftest import VOCAB_CACHE
 
+# every test starts the installed script in a fresh process (torch and open_clip imports
+# included): seconds each even before Ray, so all of them stay out of the fast lane
+pytestmark = pytest.mark.slow
+
 RAYCLUST = os.path.join(os.path.dirname(sys.executable), "rayclust")  # the installed script
 TINY = ["--no-progress", "--set", "clusters=3", "--set", "model.name=rayclust-tiny",
         "--set", "model.pretrained=none", "--set", "model.batch_size=8",

@@ -133,6 +133,7 @@ def _loads_heavy(module: str) -> bool:
                           check=True).stdout.strip() == "True"
 
 
+@pytest.mark.slow
 def test_function_local_imports_only_keep_heavy_libraries_lazy():
     local = [(m, t) for m, t, _, is_local in IMPORTS if is_local]
     third_party = sorted({t for _, t in local if not t.startswith("rayclust")

@@ -24,6 +24,9 @@ from rayclust.method.metrics import cluster_accuracy, neighbour_agreement
 from rayclust.method.trainer import Stage1Inputs
 from rayclust.synthetic import make_two_mode_features, make_vmf_features
 
+# full SEIC/TAC trainings on 3,000 points: seconds each, outside the fast lane
+pytestmark = pytest.mark.slow
+
 N = 3000
 
 

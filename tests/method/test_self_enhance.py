@@ -171,6 +171,7 @@ def test_make_optimizer_requires_trainables():
         make_optimizer([torch.nn.Parameter(torch.zeros(2), requires_grad=False)])
 
 
+@pytest.mark.slow  # a one-off torch.compile: ~10 s on a CPU
 def test_compiled_tower_keeps_names_and_outputs(setup):
     _, model, images = setup
     x = weak_view(images, model.mean, model.std)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -98,10 +99,10 @@ def test_rerun_is_idempotent_and_does_not_re_embed(finished_run):
     assert again.equals(first)
 
 
-def test_partial_embedding_resumes_missing_parts_only(image_folder, tmp_path):
-    config = tiny_config(tmp_path, image_folder)
+def test_partial_embedding_resumes_missing_parts_only(finished_run, tmp_path):
+    config, source, _ = finished_run
     run_dir = str(tmp_path / "run")
-    run(config, run_dir)
+    shutil.copytree(source, run_dir)
     kept = os.path.join(run_dir, "embeddings", "part-00000.parquet")
     kept_mtime = os.stat(kept).st_mtime_ns
     # as if the process died while embedding part 2: its outputs and the markers are missing

@@ -56,7 +56,9 @@ def test_stage_list_is_the_documented_order():
 @pytest.mark.parametrize("name", ["vocabulary", "stage1", "assign"])
 def test_each_stage_runs_alone_on_the_previous_stages_output(finished_run, tmp_path, name):
     """Only config.yaml and the outputs of the stages before it: the stage reads nothing else,
-    does its work once, and gives the finished run's result."""
+    does its work once, and gives the finished run's result. (The embed stage alone on a fresh
+    run directory is the `embed` command, tests/test_commands.py, and `embed` resuming its
+    missing shards is tests/pipeline/test_run_local.py.)"""
     index = ORDER.index(name)
     run_dir = _prepared(finished_run, tmp_path, index)
     out = stage(name, run_dir)
@@ -67,15 +69,6 @@ def test_each_stage_runs_alone_on_the_previous_stages_output(finished_run, tmp_p
     for later in ORDER[index + 1:]:
         stage(later, run_dir)
     _same_result(run_dir, finished_run[1])
-
-
-def test_embed_stage_runs_alone_on_a_fresh_run_directory(finished_run, tmp_path):
-    config, source, _ = finished_run
-    run_dir = _prepared(finished_run, tmp_path, 0)
-    assert stage("embed", run_dir)["stages"] == {"embed": "ran"}
-    embedded, reference = (storage.read_parquet(os.path.join(d, "embeddings")).sort_by("id")
-                           for d in (run_dir, source))
-    assert embedded["id"] == reference["id"]
 
 
 @pytest.mark.parametrize("stopped_after", [1, 2, 3])

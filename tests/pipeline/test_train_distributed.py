@@ -86,71 +86,48 @@ def _check_assignments(run_dir: str, final: PseudoLabelTable) -> None:
     assert [by_id[i] for i in ids] == final.labels.tolist()
 
 
-@pytest.fixture(scope="module")
-def stage2_run(finished_run, image_folder, tmp_path_factory):
-    """Stage 2 on 2 Ray Train workers, run on a copy of the session's finished run: embedding,
-    vocabulary and the trained stage-1 heads are reused from it (the stage-1 training settings
-    are the same; only the guard is off, so stage 1 just re-decides), which leaves one Ray Train
-    run to pay for. Later tests copy this run."""
-    tmp = tmp_path_factory.mktemp("stage2")
-    run_dir = str(tmp / "run")
+EPOCHS = 3
+
+
+def test_stage2_on_two_workers_survives_a_killed_worker(finished_run, image_folder, tmp_path,
+                                                        monkeypatch):
+    """Stage 2 on 2 Ray Train workers, on a copy of the session's finished run (embedding,
+    vocabulary and the trained stage-1 heads are reused: the stage-1 training settings are the
+    same, only the guard is off, so stage 1 just re-decides). During it, rank 1 SIGKILLs itself
+    (as a lost node would) at the start of epoch 1, once the Train controller has registered the
+    checkpoint of epoch 1 (train_runtime.fault_point): an event the code emits, not a sleep, so
+    the restart point does not depend on the machine's speed. One Ray Train run covers the
+    table sync, the checkpoints, the failure and the final assignment."""
+    run_dir = str(tmp_path / "run")
     shutil.copytree(finished_run[1], run_dir)
-    config = tiny_config(tmp, image_folder, **STAGE2)
+    monkeypatch.setenv(FAULT_ENV, "stage2:1:1")
+    config = tiny_config(tmp_path, image_folder, **{**STAGE2, "stage2.epochs": EPOCHS})
     outputs = run(config, run_dir)
     assert outputs["stages"] == {"embed": "skipped", "vocabulary": "skipped", "stage1": "ran",
                                  "stage2": "ran", "assign": "ran"}
-    return config, run_dir, outputs
-
-
-def _copy(run_dir: str, tmp_path, drop: tuple[str, ...] = ()) -> str:
-    copy = str(tmp_path / "run")
-    shutil.copytree(run_dir, copy)
-    for name in drop:
-        path = os.path.join(copy, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return copy
-
-
-def test_stage2_end_to_end_on_two_workers(stage2_run):
-    config, run_dir, outputs = stage2_run
+    assert os.path.exists(os.path.join(run_dir, "stage2", "fault-injected")), "no kill fired"
     metrics = outputs["metrics_values"]
     assert metrics["stage1"]["workers"] == 2 and metrics["assignment_source"] == "stage2"
-    history = metrics["stage2"]["history"]
-    assert [h["epoch"] for h in history] == [0, 1] and all(h["steps"] > 0 for h in history)
-    assert metrics["stage2"]["resumes"] == []
-    # table 0 from stage 1, table 1 refreshed before epoch 1, table 2 = the final assignment pass
-    final = _check_tables(run_dir, [1, 2])
+    stage2 = metrics["stage2"]
+    assert stage2["resumes"] == [1], ("one restart, from the registered checkpoint of epoch 1",
+                                      stage2["resumes"])
+    history = stage2["history"]
+    assert [h["epoch"] for h in history] == list(range(EPOCHS))
+    assert all(h["steps"] > 0 for h in history)
+    # table 0 from stage 1, tables 1..E-1 refreshed before each later epoch, table E = the final
+    # assignment pass; every worker holds the same hash of each
+    final = _check_tables(run_dir, list(range(1, EPOCHS + 1)))
     _check_assignments(run_dir, final)
     checkpoints = sorted(os.path.basename(p) for p in
                          glob.glob(os.path.join(run_dir, "stage2", "train-*", "epoch-*")))
-    assert checkpoints == ["epoch-0001", "epoch-0002"]
+    assert checkpoints == ["epoch-0002", "epoch-0003"]  # train.keep_checkpoints: the newest 2
     import torch
     saved = torch.load(os.path.join(run_dir, "stage2", "model.pt"), weights_only=False)
     assert saved["adapter"] and all("lora" in k for k in saved["adapter"])
     # running the same command again does no work and changes nothing
+    monkeypatch.delenv(FAULT_ENV)
     started = time.time()
     again = run(config, run_dir)
     assert again["stages"] == dict.fromkeys(again["stages"], "skipped")
     assert time.time() - started < 30
     assert again["metrics_values"]["labels"] == metrics["labels"]
-
-
-def test_stage2_survives_a_killed_worker(stage2_run, image_folder, tmp_path, monkeypatch):
-    _, run_dir, _ = stage2_run
-    # the finished run without its stage 2: embedding and stage 1 are reused as they are
-    copy = _copy(run_dir, tmp_path, ("stage2", "pseudo_labels", "assignments", "clusters.parquet",
-                                     "metrics.json"))
-    # rank 1 SIGKILLs itself (as a lost node would) at the start of epoch 1, once the Train
-    # controller has registered the checkpoint of epoch 0 (train_runtime.fault_point): an event
-    # the code emits, not a sleep, so the restart point does not depend on the machine's speed
-    monkeypatch.setenv(FAULT_ENV, "stage2:1:1")
-    epochs = 3
-    config = tiny_config(tmp_path, image_folder, **{**STAGE2, "stage2.epochs": epochs})
-    outputs = run(config, copy)
-    assert os.path.exists(os.path.join(copy, "stage2", "fault-injected")), "the kill never fired"
-    stage2 = outputs["metrics_values"]["stage2"]
-    assert stage2["resumes"] == [1], ("one restart, from the registered checkpoint of epoch 1",
-                                      stage2["resumes"])
-    assert [h["epoch"] for h in stage2["history"]] == list(range(epochs))
-    final = _check_tables(copy, list(range(1, epochs + 1)))
-    _check_assignments(copy, final)
