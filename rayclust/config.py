@@ -335,9 +335,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _validate(config: Config) -> None:
-    if config.seic.nouns_per_image > config.seic.candidate_nouns_per_centre * config.clusters:
-        raise ConfigError("seic.nouns_per_image cannot exceed seic.candidate_nouns_per_centre x "
-                          "clusters (the candidate pool).")
+    for method in registry.METHODS:  # each section checks what spans several of its keys
+        problem = getattr(config, method.name).problem(config.clusters)
+        if problem:
+            raise ConfigError(f"{method.name}.{problem}")
     if config.stage2.crop_min_scale > 1:
         raise ConfigError("stage2.crop_min_scale is an area fraction: at most 1.")
     if config.guard.text_weight > 1:

@@ -60,8 +60,15 @@ class GuardConfig:
                         minimum=2)
 
 
+class _Section:
+    def problem(self, n_clusters: int) -> str | None:
+        """What is wrong across keys of this section for K clusters ("key ...: why"), or
+        None. The config loader reports it as a user error."""
+        return None
+
+
 @dataclass
-class TACConfig:
+class TACConfig(_Section):
     semantic_centres: int | None = _f(None, "M, the k-means centres used to select nouns; null "
                                             "= max(round(N/300), 3K) capped at nouns/5.",
                                       minimum=2)
@@ -84,7 +91,7 @@ class TACConfig:
 
 
 @dataclass
-class SEICConfig:
+class SEICConfig(_Section):
     candidate_nouns_per_centre: int = _f(200, "k1: nouns kept per k-means centre as candidates.",
                                          minimum=1)
     nouns_per_image: int = _f(50, "k2: candidate nouns mixed into each text counterpart.",
@@ -108,3 +115,9 @@ class SEICConfig:
     balance_momentum: float = _f(0.9, "EMA momentum of the cluster-usage history.", minimum=0.0)
     balance_floor: float = _f(0.01, "Floor of the usage history before weighting.", minimum=0.0)
     balance_max_weight: float = _f(5.0, "Cap of the per-cluster balancing weight.", minimum=1.0)
+
+    def problem(self, n_clusters: int) -> str | None:
+        if self.nouns_per_image > self.candidate_nouns_per_centre * n_clusters:
+            return ("nouns_per_image cannot exceed seic.candidate_nouns_per_centre x clusters "
+                    "(the candidate pool).")
+        return None
