@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -243,15 +244,20 @@ class ClipEncoder:
         return F.normalize(sums, dim=-1).float()  # normalize(sum) == normalize(mean)
 
 
-def load_encoder(name: str, pretrained: str | None, device: str = "auto", cache_dir: str | None = None,
-                 seed: int = 0) -> ClipEncoder:
-    """Build open_clip model ``name`` with weights ``pretrained`` on ``device``.
+@dataclass(frozen=True)
+class _Plan:
+    """How ``load_encoder`` builds a model: the open_clip name, the cache key and the keyword
+    arguments of ``open_clip.create_model`` (weights excluded until ``fetch``)."""
 
-    ``pretrained``: an open_clip tag ('laion2b_s34b_b79k', 'openai'), 'hf-hub:org/repo'
-    (or pass that as ``name``), a local checkpoint file (or directory holding
-    open_clip_config.json + weights), or None/'none' for random weights seeded by ``seed``.
-    """
-    dev = resolve_device(device)
+    name: str
+    arch: str
+    tag: str | None
+    key: str
+    kwargs: dict
+    schema: bool  # 'hf-hub:' or 'local-dir:': the config itself lives outside open_clip
+
+
+def _plan(name: str, pretrained: str | None, seed: int) -> _Plan:
     tag = None if pretrained is None or str(pretrained).strip().lower() in ("", "none", "null") else str(pretrained)
     kwargs: dict = {}
     if tag and tag.startswith(_HF_PREFIX):  # open_clip convention: hub models are named, not tagged
@@ -275,33 +281,85 @@ def load_encoder(name: str, pretrained: str | None, device: str = "auto", cache_
         st = os.stat(tag)
         digest = hashlib.sha1(f"{os.path.abspath(tag)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
         key = f"{_safe(arch)}__{_safe(Path(tag).stem)}-{digest}"
-        kwargs.update(pretrained=tag, require_pretrained=True)
     else:
         cfg = oc_pretrained.get_pretrained_cfg(arch, tag)
         if not cfg:
             raise _fail("unknown_tag", name=name, tag=tag,
                         tags=", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none (random weights only)")
-        # Download first, separately, so a fetch failure is reported as such.
-        try:
-            path = oc_pretrained.download_pretrained(cfg, cache_dir=cache_dir)
-        except Exception as e:  # hub / urllib / requests / OS errors
-            raise _fail("download", what=f"model {arch!r} (pretrained={tag!r})", call=f"{arch!r}, pretrained={tag!r}",
-                        err=f"{type(e).__name__}: {e}", cache=_default_cache(cache_dir)) from e
         key = f"{_safe(arch)}__{_safe(tag.lower().replace('-', '_'))}"  # open_clip's tag normalisation
         # Loading from the file loses the tag's preprocessing: pass it explicitly. Weights trained
         # with QuickGELU (e.g. 'openai') need it, or embeddings are subtly wrong (open_clip only warns).
-        kwargs.update(pretrained=path, require_pretrained=True,
-                      force_preprocess_cfg={k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
+        kwargs.update(force_preprocess_cfg={k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
                                             if k in cfg},
                       force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+    return _Plan(name, arch, tag, key, kwargs, schema)
+
+
+def _fetch(plan: _Plan, cache_dir: str | None) -> dict:
+    """``create_model`` arguments with the weights: a tag's file is downloaded first, separately,
+    so a fetch failure is reported as such."""
+    kwargs = dict(plan.kwargs)
+    if plan.schema or plan.tag is None:
+        return kwargs
+    path = plan.tag
+    if not os.path.isfile(plan.tag):
+        cfg = oc_pretrained.get_pretrained_cfg(plan.arch, plan.tag)
+        try:
+            path = oc_pretrained.download_pretrained(cfg, cache_dir=cache_dir)
+        except Exception as e:  # hub / urllib / requests / OS errors
+            raise _fail("download", what=f"model {plan.arch!r} (pretrained={plan.tag!r})",
+                        call=f"{plan.arch!r}, pretrained={plan.tag!r}", err=f"{type(e).__name__}: {e}",
+                        cache=_default_cache(cache_dir)) from e
+    kwargs.update(pretrained=path, require_pretrained=True)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the driver needs to know about a model without holding it."""
+
+    preprocess: ImagePreprocess
+    cache_key: str
+    embed_dim: int
+
+
+def describe_model(name: str, pretrained: str | None, seed: int = 0) -> ModelDescription | None:
+    """Preprocessing, embedding size and cache key that :func:`load_encoder` would give, without
+    weights: the architecture is built on the meta device (no memory, nothing downloaded, about a
+    tenth of a second even for ViT-bigG-14), so a driver can describe the model that only its
+    workers will load. None for hub models and local model folders, whose config must itself be
+    fetched or read where the model loads. Unknown names and tags raise as in ``load_encoder``."""
+    plan = _plan(name, pretrained, seed)
+    if plan.schema:
+        return None
+    with torch.device("meta"):
+        model = open_clip.create_model(plan.arch, device="meta", **plan.kwargs)
+    preprocess = ImagePreprocess.from_cfg(open_clip.get_model_preprocess_cfg(model))
+    h, w = preprocess.size
+    embed_dim = int(model.encode_image(torch.empty(1, 3, h, w, device="meta")).shape[-1])
+    return ModelDescription(preprocess, plan.key, embed_dim)
+
+
+def load_encoder(name: str, pretrained: str | None, device: str = "auto", cache_dir: str | None = None,
+                 seed: int = 0) -> ClipEncoder:
+    """Build open_clip model ``name`` with weights ``pretrained`` on ``device``.
+
+    ``pretrained``: an open_clip tag ('laion2b_s34b_b79k', 'openai'), 'hf-hub:org/repo'
+    (or pass that as ``name``), a local checkpoint file (or directory holding
+    open_clip_config.json + weights), or None/'none' for random weights seeded by ``seed``.
+    """
+    dev = resolve_device(device)
+    plan = _plan(name, pretrained, seed)
+    kwargs = _fetch(plan, cache_dir)
+    arch = plan.arch
     try:
         with torch.random.fork_rng(devices=[]):  # reproducible random init, caller's RNG untouched
             torch.manual_seed(seed)
             model = open_clip.create_model(arch, device=dev, cache_dir=cache_dir, **kwargs)
         tokenizer = open_clip.get_tokenizer(arch, cache_dir=cache_dir)
     except Exception as e:
-        if name.startswith(_HF_PREFIX):  # config/weights/tokenizer fetched from the hub
+        if plan.name.startswith(_HF_PREFIX):  # config/weights/tokenizer fetched from the hub
             raise _fail("download", what=f"hub model {arch!r}", call=repr(arch), err=f"{type(e).__name__}: {e}",
                         cache=_default_cache(cache_dir)) from e
-        raise _fail("build", name=name, tag=tag, err=f"{type(e).__name__}: {e}") from e
-    return ClipEncoder(model, tokenizer, arch, tag, dev, key)
+        raise _fail("build", name=plan.name, tag=plan.tag, err=f"{type(e).__name__}: {e}") from e
+    return ClipEncoder(model, tokenizer, arch, plan.tag, dev, plan.key)

@@ -14,6 +14,7 @@ from rayclust.encoders import (
     ClipEncoder,
     EncoderLoadError,
     ImagePreprocess,
+    describe_model,
     load_encoder,
     resolve_device,
 )
@@ -73,6 +74,31 @@ def test_local_checkpoint(enc, tmp_path):
     torch.testing.assert_close(loaded.encode_uint8(x), enc.encode_uint8(x))
     assert loaded.cache_key.startswith("rayclust-tiny__tiny-ckpt-")
     assert "/" not in loaded.cache_key
+
+
+def test_describe_model_matches_the_loaded_model(enc, tmp_path):
+    """The driver's weight-free description (meta device) gives what loading gives."""
+    path = tmp_path / "tiny-ckpt.pt"
+    torch.save(enc.model.state_dict(), path)
+    for name, tag, seed in [(TINY, None, 0), (TINY, str(path), 0), ("rayclust-tiny-bidir", None, 3),
+                            ("ViT-B/32", "none", 1)]:
+        loaded = load_encoder(name, tag, device="cpu", seed=seed)
+        described = describe_model(name, tag, seed)
+        assert described.preprocess == loaded.preprocess and described.embed_dim == loaded.embed_dim
+        assert described.cache_key == loaded.cache_key
+
+
+def test_describe_model_needs_no_weights(no_network):
+    """A pretrained tag is described from open_clip's tables alone: its preprocessing, nothing
+    downloaded; a hub model is left to the worker that loads it."""
+    openai = describe_model("ViT-B-32", "openai")
+    assert openai.embed_dim == 512 and openai.preprocess.size == (224, 224)
+    assert openai.cache_key == "ViT-B-32__openai"
+    siglip = describe_model("ViT-B-16-SigLIP", "webli")
+    assert siglip.preprocess.mean == (0.5, 0.5, 0.5) and siglip.preprocess.resize_mode == "squash"
+    assert describe_model("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None) is None
+    with pytest.raises(EncoderLoadError, match="ViT-B-32"):
+        describe_model("ViT-B-33", None)
 
 
 # ----------------------------------------------------------------------------- images

@@ -51,12 +51,25 @@ _DESCRIBED: dict[tuple, EncoderInfo] = {}
 
 
 def describe_encoder(config: Config) -> EncoderInfo:
-    """Load the model once in a Ray task (weights download on a worker, not the driver)."""
+    """Preprocessing, embedding size and cache key of the configured model, once per process.
+
+    A bundled open_clip architecture is described here, from its config built on the meta device
+    (no weights, no worker: a Ray task importing torch and open_clip cost a fresh worker process
+    13 s of CPU on a 2-core machine, at every command, even with the vocabulary cached). A hub
+    model or local model folder is described by loading it in a Ray task, so its download
+    happens on a worker, not the driver."""
     import ray
 
     m = config.model
     key = (m.name, m.pretrained, m.cache_dir, config.seed)
     if key not in _DESCRIBED:
+        from rayclust.encoders import describe_model
+
+        here = describe_model(m.name, m.pretrained, config.seed)
+        if here is not None:
+            _DESCRIBED[key] = EncoderInfo(here.preprocess, here.cache_key, here.embed_dim)
+            return _DESCRIBED[key]
+
         @ray.remote(num_cpus=1)
         def describe(config: Config) -> EncoderInfo:
             encoder = load_clip(config, "cpu")

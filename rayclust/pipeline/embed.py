@@ -29,6 +29,7 @@ from rayclust.config import Config, ConfigError
 from rayclust.pipeline.clip_actors import EncodeImages, actor_resources, describe_encoder
 from rayclust.pipeline.corpus import Corpus
 from rayclust.pipeline.decode import decode_batch
+from rayclust.pipeline.faults import driver_fault_point
 from rayclust.pipeline.manifest import build_manifest
 from rayclust.pipeline.progress import Progress, log
 from rayclust.pipeline.ray_runtime import configure_data, ensure_ray
@@ -198,6 +199,7 @@ def _run_pipeline(config: Config, run: RunDirectory, todo: list[str]) -> None:
     with Progress(total, "embedding", "img", e.progress_seconds) as progress:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.add(batch)
+            driver_fault_point("embed", len(writer.written))
             progress.update(batch.num_rows, shards_written=len(writer.written),
                             errors=writer.errors)
     if writer.pending:

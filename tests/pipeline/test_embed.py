@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +12,7 @@ from PIL import Image
 
 from rayclust import storage
 from rayclust.pipeline.embed import embed_images
+from rayclust.pipeline.faults import DRIVER_FAULT_ENV
 from rayclust.pipeline.run import open_run
 from tests.pipeline.conftest import tiny_config
 
@@ -48,16 +48,19 @@ def test_every_format_and_broken_file(odd_image_folder, tmp_path):
 
 
 def _embed_command(folder, run_dir):
-    # ViT-B-32 with random weights: slow enough on a CPU (~0.1 s an image) that shards finish one
-    # by one, so the kill lands in the middle of the stage
+    # 4 images a shard, 2 a decode batch and an encoder batch: 10 shards that complete one by
+    # one, so the driver dies with the encoder pool up and the next shards in flight
     return [sys.executable, "-m", "rayclust.cli", "embed", "--input", folder,
             "--run-dir", run_dir, "--no-progress",
-            "--set", "model.name=ViT-B-32", "--set", "model.pretrained=none",
+            "--set", "model.name=rayclust-tiny", "--set", "model.pretrained=none",
             "--set", "input.rows_per_shard=4", "--set", "embed.decode_batch_size=2",
             "--set", "model.batch_size=2"]
 
 
 def test_sigkill_then_rerun_gives_every_input_exactly_once(ray_cluster, tmp_path):
+    """The driver SIGKILLs itself once it has written its first shard (faults.py: an event the
+    code emits, not a race with a poll, so it lands mid-stage on any machine), then the same
+    command runs again."""
     from rayclust.synthetic import generate_image_folder
     folder = str(tmp_path / "img")
     generate_image_folder(folder, ("circle", "square", "stripes"), per_class=13, size=64)
@@ -70,26 +73,18 @@ def test_sigkill_then_rerun_gives_every_input_exactly_once(ray_cluster, tmp_path
     emb_dir = os.path.join(run_dir, "embeddings")
 
     def parts():
-        return ([f for f in os.listdir(emb_dir) if f.endswith(".parquet")]
-                if os.path.isdir(emb_dir) else [])
+        return [f for f in os.listdir(emb_dir) if f.endswith(".parquet")]
 
-    def start_and_kill(ready):
-        driver = subprocess.Popen(_embed_command(folder, run_dir), env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  start_new_session=True)
-        deadline = time.time() + 240
-        while time.time() < deadline and driver.poll() is None and not ready():
-            time.sleep(0.02)
-        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
-        os.killpg(driver.pid, signal.SIGKILL)  # the real driver process
-        driver.wait()
-
-    # killed as soon as the first shard is written: mid-embedding, with the encoder pool up, the
-    # next shards in flight and temporary files possibly half written
-    start_and_kill(lambda: len(parts()) >= 1)
-    assert not os.path.exists(os.path.join(emb_dir, "_SUCCESS")) and 1 <= len(parts()) < 10
+    killed = subprocess.run(_embed_command(folder, run_dir), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**env, DRIVER_FAULT_ENV: "embed:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not os.path.exists(os.path.join(emb_dir, "_SUCCESS")) and len(parts()) == 1
     manifest_part = os.path.join(run_dir, "manifest", "part-00000.parquet")
     listed_at = os.stat(manifest_part).st_mtime_ns
+    # what a writer killed mid-write leaves (storage writes a hidden temporary, then renames)
+    for folder_name in ("embeddings", "errors", "thumbnails"):
+        with open(os.path.join(run_dir, folder_name, ".part-00003.parquet.x1.tmp"), "wb") as f:
+            f.write(b"PAR1 half written")
 
     again = subprocess.run(_embed_command(folder, run_dir), env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
@@ -106,5 +101,6 @@ def test_sigkill_then_rerun_gives_every_input_exactly_once(ray_cluster, tmp_path
     assert [os.path.basename(u) for u in errors["uri"].to_pylist()] == ["broken.jpg"]
     assert os.stat(manifest_part).st_mtime_ns == listed_at  # listed once, never again
     # no temporary files left behind by a writer killed mid-write
-    for folder in ("embeddings", "errors", "thumbnails"):
-        assert not [f for f in os.listdir(os.path.join(run_dir, folder)) if f.startswith(".")]
+    for folder_name in ("embeddings", "errors", "thumbnails"):
+        assert not [f for f in os.listdir(os.path.join(run_dir, folder_name))
+                    if f.startswith(".")]
