@@ -95,12 +95,14 @@ def ray_cluster(s3_server):
     environment, so its workers inherit them)."""
     import ray
 
-    from rayclust.pipeline.ray_runtime import (local_workers_use_this_interpreter,
-                                               local_cluster_on_loopback)
+    from rayclust.pipeline.ray_runtime import (local_cluster_on_loopback,
+                                               local_cluster_without_preemption_watch,
+                                               local_workers_use_this_interpreter)
 
     if not ray.is_initialized():
         local_workers_use_this_interpreter()
         local_cluster_on_loopback()
+        local_cluster_without_preemption_watch()
         # a cluster of its own ("local": never one a `ray start` left behind), on loopback only
         ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4,
                  include_dashboard=False, configure_logging=False, logging_level="WARNING")

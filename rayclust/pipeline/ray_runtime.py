@@ -36,6 +36,7 @@ def ensure_ray(config: Config) -> None:
     else:
         local_workers_use_this_interpreter()
         local_cluster_on_loopback()
+        local_cluster_without_preemption_watch()
         # at least 4 logical CPUs: 2 training workers plus decode tasks fit on a small machine
         ray.init(address="local", _node_ip_address="127.0.0.1",
                  num_cpus=config.ray.num_cpus or max(os.cpu_count() or 1, 4),
@@ -75,6 +76,15 @@ def local_cluster_on_loopback() -> None:
     from ray._private import ray_constants  # read when ray.init resolves the node address
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def local_cluster_without_preemption_watch() -> None:
+    """Ray Train 2.60 starts a PreemptionWatcher actor with every worker group, to react when a
+    node is drained (spot instances, autoscaler scale-down). A local cluster is one machine that
+    nobody drains; the watcher only cost a fresh process and ~6 s before each group (and each
+    restart) could train on a 2-core machine. Read by the Train controller, which a local
+    cluster's processes start with this environment; a joined cluster keeps Ray's default."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def quiet_ray_internals() -> None:

@@ -87,10 +87,12 @@ def run_stage1(config: Config, run: RunDirectory) -> list[str]:
 
     train_key = fingerprint(config, run, "train")
     state = _trained_state(run, estimator, train_key, epochs, u.shape[1])
+    resumes: list[int] = []  # epochs a Ray Train worker group restarted from
     if state is None and workers == 0:
         state = _fit_here(run, estimator, pieces, train_key, u.shape[1])
     elif state is None:
-        state = _fit_on_ray_train(config, run, estimator, train_key, workers, u.shape[1])
+        state, resumes = _fit_on_ray_train(config, run, estimator, train_key, workers,
+                                           u.shape[1])
     estimator.fit(u, e, nouns, pieces=pieces, state=state)  # trained: no further epochs
     result = estimator.result_
 
@@ -100,7 +102,7 @@ def run_stage1(config: Config, run: RunDirectory) -> list[str]:
     summary = {"epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
                "train_seconds": float(sum(h["seconds"] for h in history)),
                "nouns_in_text_space": int(len(estimator.pieces_.nouns_used)),
-               "device": str(device), "workers": workers,
+               "device": str(device), "workers": workers, "resumes": resumes,
                # the values used, after those left unset were derived (e.g. TAC's K >= 100 regime)
                "hyperparameters": estimator.hyperparameters()}
     if result.source == "kmeans":
@@ -175,8 +177,10 @@ def _fit_here(run: RunDirectory, estimator: Estimator, pieces: GlobalPieces, tra
 
 
 def _fit_on_ray_train(config: Config, run: RunDirectory, estimator: Estimator, train_key: str,
-                      workers: int, dim: int) -> TrainState:
-    """Stage 1 on `workers` TorchTrainer workers; checkpoints in `stage1/train-<key>/`."""
+                      workers: int, dim: int) -> tuple[TrainState, list[int]]:
+    """Stage 1 on `workers` TorchTrainer workers; checkpoints in `stage1/train-<key>/`. Returns
+    the trained state and the epochs the workers resumed from (a restart after a lost worker, or
+    the same command run again)."""
     log.info("stage 1: training on %d Ray Train worker(s)", workers)
     result = train_runtime.fit(
         stage1_worker, {"config": to_dict(config), "run": run.root,
@@ -188,5 +192,5 @@ def _fit_on_ray_train(config: Config, run: RunDirectory, estimator: Estimator, t
         saved = torch.load(storage.join(folder, train_runtime.STATE_FILE),
                            map_location=estimator.device, weights_only=False)
     state = estimator.trainer().init_state(dim)
-    state.load_state_dict(saved)
-    return state
+    state.load_state_dict(saved["state"])
+    return state, saved["resumes"]

@@ -45,12 +45,16 @@ def stage1_worker(cfg: dict) -> None:
     del corpus
     estimator = estimator_for(config, device)
     epochs = estimator.objective().epochs
+    resumes: list[int] = []
 
     def end_of_epoch(state: TrainState, epoch_log: EpochLog) -> None:
         if rank == 0:
             log_epoch(epoch_log, epochs, world)
         train_runtime.report({"epoch": state.epoch, "loss": epoch_log.loss, **epoch_log.parts},
-                             state.state_dict(), f"epoch-{state.epoch:04d}")
+                             {"state": state.state_dict(), "resumes": resumes},
+                             f"epoch-{state.epoch:04d}")
+        # testing hook: a rank may SIGKILL itself here, before the next epoch
+        train_runtime.fault_point(cfg.get("fault"), run.stage1, state.epoch)
 
     trainer = estimator.trainer(rank=rank, world_size=world, on_epoch_end=end_of_epoch,
                                 wrap_model=(lambda m: prepare_model(m, move_to_device=False))
@@ -58,7 +62,8 @@ def stage1_worker(cfg: dict) -> None:
     state = trainer.init_state(u.shape[1])
     saved = train_runtime.restored_state(device)
     if saved is not None:
-        state.load_state_dict(saved)
+        state.load_state_dict(saved["state"])
+        resumes.extend([*saved["resumes"], state.epoch])
         if rank == 0:
             log.info("stage 1: resuming after epoch %d", state.epoch)
     trainer.fit(pieces.inputs, state)

@@ -38,27 +38,31 @@ def _synthetic_inputs(tmp_path):
     return emb, voc
 
 
-def test_stage1_on_two_workers_resumes_from_its_checkpoints(tmp_path):
+def test_stage1_on_two_workers_resumes_from_its_checkpoints(tmp_path, monkeypatch):
+    """Stage 1 on 2 Ray Train workers; rank 1 SIGKILLs itself once the checkpoint of epoch 1 is
+    registered (train_runtime.fault_point: an event the code emits), and the restarted worker
+    group resumes from it instead of training from scratch. (Running the same command again
+    with more epochs resumes from the same checkpoints through the same restore; the driver-side
+    resume is tests/pipeline/test_run_local.py.)"""
     emb, voc = _synthetic_inputs(tmp_path)
-    settings = {"train.workers": 2, "seic.batch_size": 64, "seic.candidate_nouns_per_centre": 20}
-    first = cluster_embeddings(tiny_config(tmp_path, **settings, **{"seic.epochs": 2}),
-                               str(tmp_path / "run"), emb, voc)
-    assert first["metrics_values"]["stage1"]["workers"] == 2
-    checkpoints = sorted(os.path.basename(p) for p in
-                         glob.glob(str(tmp_path / "run" / "stage1" / "train-*" / "epoch-*")))
-    assert checkpoints == ["epoch-0001", "epoch-0002"]
-    first_history = json.load(open(tmp_path / "run" / "stage1" / "history.json"))["epochs"]
-    # the same command with more epochs: Ray Train restores epoch 2 and trains only epoch 3
-    again = cluster_embeddings(tiny_config(tmp_path, **settings, **{"seic.epochs": 3}),
-                               str(tmp_path / "run"), emb, voc)
+    settings = {"train.workers": 2, "seic.batch_size": 64, "seic.candidate_nouns_per_centre": 20,
+                "seic.epochs": 3}
+    monkeypatch.setenv(FAULT_ENV, "stage1:1:1")
+    out = cluster_embeddings(tiny_config(tmp_path, **settings), str(tmp_path / "run"), emb, voc)
+    assert os.path.exists(tmp_path / "run" / "stage1" / "fault-injected"), "no kill fired"
+    stage1 = out["metrics_values"]["stage1"]
+    assert stage1["workers"] == 2
+    assert stage1["resumes"] == [1], ("one restart, from the registered checkpoint of epoch 1",
+                                      stage1["resumes"])
     history = json.load(open(tmp_path / "run" / "stage1" / "history.json"))["epochs"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
-    # epochs 1-2 come from the restored checkpoint, not from training them again
-    assert history[1]["loss"] == first["metrics_values"]["stage1"]["final_loss"]
-    assert history[:2] == first_history
-    assert again["stages"] == {"embed": "skipped", "vocabulary": "skipped", "stage1": "ran",
-                               "assign": "ran"}
-    assert again["metrics_values"]["labels"]["acc"] == pytest.approx(1.0)
+    assert history[-1]["loss"] == stage1["final_loss"]
+    checkpoints = sorted(os.path.basename(p) for p in
+                         glob.glob(str(tmp_path / "run" / "stage1" / "train-*" / "epoch-*")))
+    assert checkpoints == ["epoch-0002", "epoch-0003"]  # train.keep_checkpoints: the newest 2
+    assert out["stages"] == {"embed": "ran", "vocabulary": "ran", "stage1": "ran",
+                             "assign": "ran"}
+    assert out["metrics_values"]["labels"]["acc"] == pytest.approx(1.0)
     assignments = storage.read_parquet(str(tmp_path / "run" / "assignments"))
     assert assignments.num_rows == 400
 
