@@ -146,6 +146,16 @@ class ClipEncoder:
         """Filesystem-safe id of (architecture, weights), e.g. 'ViT-B-32__laion2b_s34b_b79k'."""
         return self._cache_key
 
+    def text_tower(self) -> dict:
+        """The parts of the model's text transformer (token and positional embeddings,
+        transformer, final norm, projection, causal mask, pooling) that prompt learning feeds
+        its own token embeddings through; the model's own modules, not copies. Causal,
+        end-of-text-pooled towers only (CLIP's and most open_clip text towers)."""
+        if self._text is None:
+            raise EncoderLoadError(f"model {self.name!r}: its text tower is not a causal, "
+                                   "end-of-text-pooled transformer, which prompt learning needs")
+        return dict(self._text)
+
     @property
     def trims_text(self) -> bool:
         """Whether encode_texts drops trailing padding columns (causal, EOT-pooled towers)."""
