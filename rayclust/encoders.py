@@ -20,7 +20,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip import pretrained as oc_pretrained
-from open_clip.transformer import TextTransformer, text_global_pool
+from open_clip.transformer import TextTransformer
 from PIL import Image
 
 # Register the repo's tiny architectures (rayclust-tiny, ...) for tests and offline demos.
@@ -123,6 +123,45 @@ def _trimmable_text_tower(model: torch.nn.Module) -> dict | None:
     return parts
 
 
+class TextTower:
+    """A causal, end-of-text-pooled open_clip text transformer, driven from token embeddings:
+    `ClipEncoder` feeds it the embeddings of tokens, prompt learning (LAIC-RS,
+    `method/prompt_centres.py`) its own learnable ones. Holds the model's modules, not copies."""
+
+    def __init__(self, parts: dict):
+        self._parts = parts
+        self.token_embedding: torch.nn.Embedding = parts["token_embedding"]
+
+    def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n, L) token ids -> (n,) position of each row's end-of-text token (the pooled one)."""
+        if self._parts["pool_type"] == "argmax":
+            return tokens.argmax(dim=-1)
+        return (tokens == self._parts["eos_id"]).int().argmax(dim=-1)
+
+    def features(self, x: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """(n, L, width) token embeddings and (n,) end-of-text positions -> (n, D) raw projected
+        features at those positions, as CLIP.encode_text computes them. L may be shorter than the
+        context: with the causal mask, later columns cannot change the pooled features."""
+        p = self._parts
+        length = x.shape[1]
+        cast_dtype = p["transformer"].get_cast_dtype()
+        x = x.to(cast_dtype) + p["positional_embedding"][:length].to(cast_dtype)
+        x = p["ln_final"](p["transformer"](x, attn_mask=p["attn_mask"][:length, :length]))
+        feats = x[torch.arange(x.shape[0], device=x.device), end]
+        proj = p["text_projection"]
+        if proj is not None:
+            feats = proj(feats) if isinstance(proj, torch.nn.Linear) else feats @ proj
+        return feats
+
+    def freeze(self) -> "TextTower":
+        """No gradients into any of the tower's weights (prompt learning trains its context
+        only); returns self."""
+        for part in self._parts.values():
+            if isinstance(part, (torch.nn.Module, torch.nn.Parameter)):
+                part.requires_grad_(False)
+        return self
+
+
 def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", s).strip("-")
 
@@ -136,7 +175,8 @@ class ClipEncoder:
         self.name, self.pretrained, self.device = name, pretrained, device
         self._cache_key = cache_key
         self.preprocess = ImagePreprocess.from_cfg(open_clip.get_model_preprocess_cfg(model))
-        self._text = _trimmable_text_tower(model)
+        parts = _trimmable_text_tower(model)
+        self._text = TextTower(parts) if parts is not None else None
         self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
         self.embed_dim = int(self._encode_tokens(self.tokenizer([""])).shape[1])
@@ -146,15 +186,13 @@ class ClipEncoder:
         """Filesystem-safe id of (architecture, weights), e.g. 'ViT-B-32__laion2b_s34b_b79k'."""
         return self._cache_key
 
-    def text_tower(self) -> dict:
-        """The parts of the model's text transformer (token and positional embeddings,
-        transformer, final norm, projection, causal mask, pooling) that prompt learning feeds
-        its own token embeddings through; the model's own modules, not copies. Causal,
-        end-of-text-pooled towers only (CLIP's and most open_clip text towers)."""
+    def text_tower(self) -> TextTower:
+        """The model's text transformer, for feeding it token embeddings (prompt learning).
+        Causal, end-of-text-pooled towers only (CLIP's and most open_clip text towers)."""
         if self._text is None:
             raise EncoderLoadError(f"model {self.name!r}: its text tower is not a causal, "
                                    "end-of-text-pooled transformer, which prompt learning needs")
-        return dict(self._text)
+        return self._text
 
     @property
     def trims_text(self) -> bool:
@@ -191,23 +229,13 @@ class ClipEncoder:
         """(n, L) token ids -> (n, D) raw projected text features, float32 CPU."""
         tokens = tokens.to(self.device)
         with torch.no_grad(), self._autocast():
-            p = self._text
-            if p is None:
+            tower = self._text
+            if tower is None:
                 feats = self.model.encode_text(tokens)
             else:  # same computation as CLIP.encode_text, on tokens[:, :L]
-                if p["pool_type"] == "argmax":
-                    pos = tokens.argmax(dim=-1)
-                else:
-                    pos = (tokens == p["eos_id"]).int().argmax(dim=-1)
-                L = int(pos.max()) + 1
-                tokens = tokens[:, :L]
-                cast_dtype = p["transformer"].get_cast_dtype()
-                x = p["token_embedding"](tokens).to(cast_dtype) + p["positional_embedding"][:L].to(cast_dtype)
-                x = p["ln_final"](p["transformer"](x, attn_mask=p["attn_mask"][:L, :L]))
-                feats = text_global_pool(x, tokens, p["pool_type"], eos_token_id=p["eos_id"])
-                proj = p["text_projection"]
-                if proj is not None:
-                    feats = proj(feats) if isinstance(proj, torch.nn.Linear) else feats @ proj
+                end = tower.end_of_text(tokens)
+                tokens = tokens[:, :int(end.max()) + 1]
+                feats = tower.features(tower.token_embedding(tokens), end)
         return feats.float().cpu()
 
     def _text_batches(self, texts: list[str], batch_size: int):
@@ -257,7 +285,7 @@ class ClipEncoder:
 @dataclass(frozen=True)
 class _Plan:
     """How ``load_encoder`` builds a model: the open_clip name, the cache key and the keyword
-    arguments of ``open_clip.create_model`` (weights excluded until ``fetch``)."""
+    arguments of ``open_clip.create_model`` (weights excluded until ``_fetch``)."""
 
     name: str
     arch: str
@@ -265,6 +293,7 @@ class _Plan:
     key: str
     kwargs: dict
     schema: bool  # 'hf-hub:' or 'local-dir:': the config itself lives outside open_clip
+    download: dict | None = None  # open_clip's pretrained cfg of a tag (what to download)
 
 
 def _plan(name: str, pretrained: str | None, seed: int) -> _Plan:
@@ -302,6 +331,7 @@ def _plan(name: str, pretrained: str | None, seed: int) -> _Plan:
         kwargs.update(force_preprocess_cfg={k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
                                             if k in cfg},
                       force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+        return _Plan(name, arch, tag, key, kwargs, schema, download=cfg)
     return _Plan(name, arch, tag, key, kwargs, schema)
 
 
@@ -311,11 +341,10 @@ def _fetch(plan: _Plan, cache_dir: str | None) -> dict:
     kwargs = dict(plan.kwargs)
     if plan.schema or plan.tag is None:
         return kwargs
-    path = plan.tag
-    if not os.path.isfile(plan.tag):
-        cfg = oc_pretrained.get_pretrained_cfg(plan.arch, plan.tag)
+    path = plan.tag  # a local checkpoint file
+    if plan.download is not None:
         try:
-            path = oc_pretrained.download_pretrained(cfg, cache_dir=cache_dir)
+            path = oc_pretrained.download_pretrained(plan.download, cache_dir=cache_dir)
         except Exception as e:  # hub / urllib / requests / OS errors
             raise _fail("download", what=f"model {plan.arch!r} (pretrained={plan.tag!r})",
                         call=f"{plan.arch!r}, pretrained={plan.tag!r}", err=f"{type(e).__name__}: {e}",
@@ -331,6 +360,7 @@ class ModelDescription:
     preprocess: ImagePreprocess
     cache_key: str
     embed_dim: int
+    downloads: bool  # loading it fetches pretrained weights (a tag), which may fail
 
 
 def describe_model(name: str, pretrained: str | None, seed: int = 0) -> ModelDescription | None:
@@ -338,7 +368,8 @@ def describe_model(name: str, pretrained: str | None, seed: int = 0) -> ModelDes
     weights: the architecture is built on the meta device (no memory, nothing downloaded, about a
     tenth of a second even for ViT-bigG-14), so a driver can describe the model that only its
     workers will load. None for hub models and local model folders, whose config must itself be
-    fetched or read where the model loads. Unknown names and tags raise as in ``load_encoder``."""
+    fetched or read where the model loads. Unknown names and tags raise as in ``load_encoder``;
+    whether the weights can be downloaded is not checked (``downloads`` says they will be)."""
     plan = _plan(name, pretrained, seed)
     if plan.schema:
         return None
@@ -347,7 +378,7 @@ def describe_model(name: str, pretrained: str | None, seed: int = 0) -> ModelDes
     preprocess = ImagePreprocess.from_cfg(open_clip.get_model_preprocess_cfg(model))
     h, w = preprocess.size
     embed_dim = int(model.encode_image(torch.empty(1, 3, h, w, device="meta")).shape[-1])
-    return ModelDescription(preprocess, plan.key, embed_dim)
+    return ModelDescription(preprocess, plan.key, embed_dim, plan.download is not None)
 
 
 def load_encoder(name: str, pretrained: str | None, device: str = "auto", cache_dir: str | None = None,

@@ -77,10 +77,12 @@ class Result:
         return lines[0]
 
 
-def rayclust(*args: str, cwd, timeout: float = 300, ray_address: str | None = None) -> Result:
-    """Run `rayclust ARGS` in `cwd` as a user would; kill it (and its Ray processes) on timeout."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_ENABLE_UV_RUN_RUNTIME_ENV")}
+def rayclust(*args: str, cwd, timeout: float = 300, ray_address: str | None = None,
+             env: dict | None = None) -> Result:
+    """Run `rayclust ARGS` in `cwd` as a user would; kill it (and its Ray processes) on timeout.
+    `env`: variables added to the environment."""
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("RAY_ADDRESS", "RAY_ENABLE_UV_RUN_RUNTIME_ENV")}, **(env or {})}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     proc = subprocess.Popen([RAYCLUST, *args], cwd=cwd, env=env, text=True,
@@ -283,6 +285,23 @@ def test_user_error_after_ray_started_exits_promptly(tmp_path):
     while r.ray_processes_left() and time.monotonic() < deadline:
         time.sleep(1)
     assert not r.ray_processes_left()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_weights_that_cannot_be_downloaded_are_one_line(tmp_path, images):
+    """The README's first command on a machine without internet (`demo` with its pretrained
+    ViT-B-32, here `embed` with the same weights): the download is tried once, in the Ray task
+    that describes the model, and fails as the offline message (one line, status 2), not as an
+    encoder actor dying mid-pipeline. Its own cluster, so HF_HUB_OFFLINE reaches the workers."""
+    r = rayclust("embed", "--input", images, "--run-dir", "out", "--no-progress",
+                 "--set", "model.name=ViT-B-32", "--set", "model.pretrained=laion2b_s34b_b79k",
+                 "--set", f"model.cache_dir={tmp_path / 'empty-cache'}", cwd=tmp_path,
+                 timeout=240, env={"HF_HUB_OFFLINE": "1"})
+    line = r.user_error()
+    assert "Could not download the pretrained weights for model 'ViT-B-32'" in line
+    assert "model.pretrained=none" in r.err  # the offline advice follows the line
+    assert not os.path.exists(tmp_path / "out" / "embeddings")
 
 
 def _vocab_columns(path, **kwargs) -> str:

@@ -85,7 +85,7 @@ def test_describe_model_matches_the_loaded_model(enc, tmp_path):
         loaded = load_encoder(name, tag, device="cpu", seed=seed)
         described = describe_model(name, tag, seed)
         assert described.preprocess == loaded.preprocess and described.embed_dim == loaded.embed_dim
-        assert described.cache_key == loaded.cache_key
+        assert described.cache_key == loaded.cache_key and not described.downloads
 
 
 def test_describe_model_needs_no_weights(no_network):
@@ -93,7 +93,7 @@ def test_describe_model_needs_no_weights(no_network):
     downloaded; a hub model is left to the worker that loads it."""
     openai = describe_model("ViT-B-32", "openai")
     assert openai.embed_dim == 512 and openai.preprocess.size == (224, 224)
-    assert openai.cache_key == "ViT-B-32__openai"
+    assert openai.cache_key == "ViT-B-32__openai" and openai.downloads
     siglip = describe_model("ViT-B-16-SigLIP", "webli")
     assert siglip.preprocess.mean == (0.5, 0.5, 0.5) and siglip.preprocess.resize_mode == "squash"
     assert describe_model("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None) is None

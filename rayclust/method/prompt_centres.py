@@ -33,33 +33,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TOWER_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final",
-               "text_projection", "attn_mask")
-
 
 class PromptCentres(nn.Module):
-    """K learnable prompts -> K unit centres. `tower`: the parts of a causal, end-of-text-pooled
-    open_clip text transformer (`ClipEncoder.text_tower()`); `tokens` (K, L): the tokenized
-    initial phrases, end-of-text = each row's largest token id (CLIP's BPE)."""
+    """K learnable prompts -> K unit centres. `tower`: the frozen text transformer
+    (`ClipEncoder.text_tower().freeze()`: `token_embedding`, `end_of_text(tokens)`,
+    `features(embeddings, end)`); `tokens` (K, L): the tokenized initial phrases."""
 
-    def __init__(self, tower: dict, tokens: torch.Tensor):
+    def __init__(self, tower, tokens: torch.Tensor):
         super().__init__()
-        missing = [p for p in TOWER_PARTS if p not in tower]
-        if missing:
-            raise ValueError(f"text tower lacks {missing}")
-        eot = tokens.argmax(dim=1)
+        eot = tower.end_of_text(tokens)
         if bool((eot < 2).any()):
             raise ValueError("every prompt needs at least one token between start and end")
         length = int(eot.max()) + 1
         tokens = tokens[:, :length]
-        self._tower = dict(tower)  # shared, not registered: no copy, no parameters of ours
-        embedding = tower["token_embedding"]
+        self._tower = tower  # shared, not a submodule: no copy, none of its weights are ours
+        weight = tower.token_embedding.weight
         with torch.no_grad():
-            frozen = embedding(tokens.to(embedding.weight.device)).float()
+            frozen = tower.token_embedding(tokens.to(weight.device)).float()
         positions = torch.arange(length, device=frozen.device)
-        learn = (positions[None, :] >= 1) & (positions[None, :] < eot.to(frozen.device)[:, None])
-        self.register_buffer("tokens", tokens.to(frozen.device), persistent=False)
-        self.register_buffer("eot", eot.to(frozen.device), persistent=False)
+        eot = eot.to(frozen.device)
+        learn = (positions[None, :] >= 1) & (positions[None, :] < eot[:, None])
+        self.register_buffer("eot", eot, persistent=False)
         self.register_buffer("frozen", frozen, persistent=False)
         self.register_buffer("learnable", learn, persistent=False)
         self.ctx = nn.Parameter(frozen.clone())
@@ -75,22 +69,11 @@ class PromptCentres(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """(K, D) unit centres, float32."""
-        t = self._tower
         x = self.prompt_embeddings()
-        length = x.shape[1]
-        cuda = x.device.type == "cuda"
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if x.device.type == "cuda"
                     else contextlib.nullcontext())
         with autocast:
-            cast = t["transformer"].get_cast_dtype() if hasattr(
-                t["transformer"], "get_cast_dtype") else x.dtype
-            x = x.to(cast) + t["positional_embedding"][:length].to(cast)
-            x = t["ln_final"](t["transformer"](x, attn_mask=t["attn_mask"][:length, :length]))
-            pooled = x[torch.arange(x.shape[0], device=x.device), self.eot]
-            projection = t["text_projection"]
-            if projection is not None:
-                pooled = (projection(pooled) if isinstance(projection, nn.Linear)
-                          else pooled @ projection)
+            pooled = self._tower.features(x, self.eot)
         return F.normalize(pooled.float(), dim=-1)
 
     def assign(self, u: torch.Tensor, temperature: float, centres: torch.Tensor | None = None
@@ -103,20 +86,7 @@ class PromptCentres(nn.Module):
     def nearest_tokens(self) -> list[list[int]]:
         """For each prompt, the vocabulary token id nearest (cosine) to each learned context
         vector, in prompt order."""
-        table = F.normalize(self._tower["token_embedding"].weight.float(), dim=-1)
+        table = F.normalize(self._tower.token_embedding.weight.float(), dim=-1)
         ctx = F.normalize(self.ctx.float(), dim=-1)
-        out = []
-        for k in range(self.n_clusters):
-            rows = ctx[k][self.learnable[k]]
-            out.append((rows @ table.T).argmax(dim=-1).tolist())
-        return out
-
-
-def freeze_tower(tower: dict) -> dict:
-    """Stop gradients into every tower parameter (the context is all that learns)."""
-    for part in tower.values():
-        if isinstance(part, nn.Module):
-            part.requires_grad_(False)
-        elif isinstance(part, nn.Parameter):
-            part.requires_grad_(False)
-    return tower
+        return [(ctx[k][self.learnable[k]] @ table.T).argmax(dim=-1).tolist()
+                for k in range(self.n_clusters)]

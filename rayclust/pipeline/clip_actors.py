@@ -53,20 +53,22 @@ _DESCRIBED: dict[tuple, EncoderInfo] = {}
 def describe_encoder(config: Config) -> EncoderInfo:
     """Preprocessing, embedding size and cache key of the configured model, once per process.
 
-    A bundled open_clip architecture is described here, from its config built on the meta device
-    (no weights, no worker: a Ray task importing torch and open_clip cost a fresh worker process
-    13 s of CPU on a 2-core machine, at every command, even with the vocabulary cached). A hub
-    model or local model folder is described by loading it in a Ray task, so its download
-    happens on a worker, not the driver."""
-    import ray
-
+    A bundled open_clip architecture with random weights or a local checkpoint file is described
+    here, from its config built on the meta device (no weights, no worker: a Ray task importing
+    torch and open_clip cost a fresh worker process 13 s of CPU on a 2-core machine, at every
+    command, even with the vocabulary cached). A model whose weights or config must be
+    downloaded (a pretrained tag, a hub model) or read from a model folder is described by
+    loading it in a Ray task: the download happens on a worker, and a failed one is the user's
+    one-line error here instead of an encoder actor dying mid-pipeline."""
     m = config.model
     key = (m.name, m.pretrained, m.cache_dir, config.seed)
     if key not in _DESCRIBED:
+        import ray
+
         from rayclust.encoders import describe_model
 
         here = describe_model(m.name, m.pretrained, config.seed)
-        if here is not None:
+        if here is not None and not here.downloads:
             _DESCRIBED[key] = EncoderInfo(here.preprocess, here.cache_key, here.embed_dim)
             return _DESCRIBED[key]
 

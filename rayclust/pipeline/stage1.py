@@ -29,7 +29,8 @@ from rayclust.pipeline.method_mapping import estimator_for
 from rayclust.pipeline.progress import log
 from rayclust.pipeline.run_directory import RunDirectory
 from rayclust.pipeline.run_tables import read_corpus, read_run_vocabulary
-from rayclust.pipeline.stage1_worker import log_epoch, stage1_worker
+from rayclust.pipeline.stage1_worker import (checkpoint_payload, log_epoch, read_payload,
+                                             stage1_worker)
 from rayclust.pipeline.stage_results import write_result
 
 
@@ -87,9 +88,9 @@ def run_stage1(config: Config, run: RunDirectory) -> list[str]:
 
     train_key = fingerprint(config, run, "train")
     state = _trained_state(run, estimator, train_key, epochs, u.shape[1])
-    resumes: list[int] = []  # epochs a Ray Train worker group restarted from
+    resumes: list[int] = []  # epochs the training resumed from (a restart or a re-run)
     if state is None and workers == 0:
-        state = _fit_here(run, estimator, pieces, train_key, u.shape[1])
+        state, resumes = _fit_here(run, estimator, pieces, train_key, u.shape[1])
     elif state is None:
         state, resumes = _fit_on_ray_train(config, run, estimator, train_key, workers,
                                            u.shape[1])
@@ -154,26 +155,31 @@ def _trained_state(run: RunDirectory, estimator: Estimator, train_key: str, epoc
 
 
 def _fit_here(run: RunDirectory, estimator: Estimator, pieces: GlobalPieces, train_key: str,
-              dim: int) -> TrainState:
-    """Stage 1 in this process; `stage1/checkpoint.pt` after every epoch."""
+              dim: int) -> tuple[TrainState, list[int]]:
+    """Stage 1 in this process; `stage1/checkpoint.pt` after every epoch. Returns the trained
+    state and the epochs it resumed from."""
     checkpoint_uri = run.stage1_file("checkpoint.pt")
     epochs = estimator.objective().epochs
+    resumes: list[int] = []
 
     def save_checkpoint(state: TrainState, epoch_log: EpochLog) -> None:
-        run.save_torch({"fingerprint": train_key, "state": state.state_dict()}, checkpoint_uri)
+        run.save_torch({"fingerprint": train_key, **checkpoint_payload(state, resumes)},
+                       checkpoint_uri)
         log_epoch(epoch_log, epochs)
 
     trainer = estimator.trainer(on_epoch_end=save_checkpoint)
     state = None
     if run.exists(checkpoint_uri):
         saved = run.load_torch(checkpoint_uri, map_location=estimator.device)
-        if saved.get("fingerprint") == train_key:
+        if saved.pop("fingerprint", None) == train_key:
             state = trainer.init_state(dim)
-            state.load_state_dict(saved["state"])
+            state_dict, earlier = read_payload(saved)
+            state.load_state_dict(state_dict)
+            resumes.extend([*earlier, state.epoch])
             log.info("stage 1: resuming after epoch %d from %s", state.epoch, checkpoint_uri)
         else:
             log.info("stage 1: settings changed since %s; training from scratch", checkpoint_uri)
-    return trainer.fit(pieces.inputs, state)
+    return trainer.fit(pieces.inputs, state), resumes
 
 
 def _fit_on_ray_train(config: Config, run: RunDirectory, estimator: Estimator, train_key: str,
@@ -191,6 +197,7 @@ def _fit_on_ray_train(config: Config, run: RunDirectory, estimator: Estimator, t
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(storage.join(folder, train_runtime.STATE_FILE),
                            map_location=estimator.device, weights_only=False)
+    state_dict, resumes = read_payload(saved)
     state = estimator.trainer().init_state(dim)
-    state.load_state_dict(saved["state"])
-    return state, saved["resumes"]
+    state.load_state_dict(state_dict)
+    return state, resumes

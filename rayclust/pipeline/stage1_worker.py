@@ -31,6 +31,19 @@ def log_epoch(epoch_log: EpochLog, epochs: int, workers: int = 0) -> None:
              epoch_log.seconds)
 
 
+def checkpoint_payload(state: TrainState, resumes: list[int]) -> dict:
+    """What a stage-1 checkpoint holds: the training state and the epochs resumed from."""
+    return {"state": state.state_dict(), "resumes": list(resumes)}
+
+
+def read_payload(saved: dict) -> tuple[dict, list[int]]:
+    """(state dict, epochs resumed from) of a checkpoint; one written before resumes were
+    recorded is the bare state dict."""
+    if "resumes" not in saved:
+        return saved, []
+    return saved["state"], saved["resumes"]
+
+
 def stage1_worker(cfg: dict) -> None:
     from ray.train.torch import prepare_model
 
@@ -51,7 +64,7 @@ def stage1_worker(cfg: dict) -> None:
         if rank == 0:
             log_epoch(epoch_log, epochs, world)
         train_runtime.report({"epoch": state.epoch, "loss": epoch_log.loss, **epoch_log.parts},
-                             {"state": state.state_dict(), "resumes": resumes},
+                             checkpoint_payload(state, resumes),
                              f"epoch-{state.epoch:04d}")
         # testing hook: a rank may SIGKILL itself here, before the next epoch
         train_runtime.fault_point(cfg.get("fault"), run.stage1, state.epoch)
@@ -62,8 +75,9 @@ def stage1_worker(cfg: dict) -> None:
     state = trainer.init_state(u.shape[1])
     saved = train_runtime.restored_state(device)
     if saved is not None:
-        state.load_state_dict(saved["state"])
-        resumes.extend([*saved["resumes"], state.epoch])
+        state_dict, earlier = read_payload(saved)
+        state.load_state_dict(state_dict)
+        resumes.extend([*earlier, state.epoch])
         if rank == 0:
             log.info("stage 1: resuming after epoch %d", state.epoch)
     trainer.fit(pieces.inputs, state)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rayclust.encoders import load_encoder
-from rayclust.method.prompt_centres import PromptCentres, freeze_tower
+from rayclust.method.prompt_centres import PromptCentres
 
 PHRASES = ["a photo of a dog.", "a photo of a golden retriever.", "a photo of a car."]
 
@@ -19,8 +19,7 @@ def enc():
 
 
 def _centres(enc):
-    tower = freeze_tower(enc.text_tower())
-    return PromptCentres(tower, enc.tokenizer(PHRASES))
+    return PromptCentres(enc.text_tower().freeze(), enc.tokenizer(PHRASES))
 
 
 def test_at_initialisation_the_centres_are_the_phrases_text_features(enc):
@@ -82,7 +81,7 @@ def test_prompts_need_a_context_token(enc):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_the_tower_runs_in_bf16_and_the_centres_stay_float32():
     enc = load_encoder("rayclust-tiny", None, "cuda")
-    centres = PromptCentres(freeze_tower(enc.text_tower()), enc.tokenizer(PHRASES))
+    centres = PromptCentres(enc.text_tower().freeze(), enc.tokenizer(PHRASES))
     assert centres.ctx.device.type == "cuda" and centres.ctx.dtype == torch.float32
     out = centres()
     assert out.dtype == torch.float32 and out.device.type == "cuda"

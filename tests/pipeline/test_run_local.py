@@ -137,6 +137,8 @@ def test_stage1_resume_matches_an_uninterrupted_run(finished_run, tmp_path):
     b = storage.read_parquet(str(tmp_path / "b" / "assignments")).sort_by("id")
     assert a["cluster"].equals(b["cluster"])
     np.testing.assert_allclose(a["confidence"].to_numpy(), b["confidence"].to_numpy(), atol=1e-6)
+    assert whole["metrics_values"]["stage1"]["resumes"] == []
+    assert resumed["metrics_values"]["stage1"]["resumes"] == [2]  # from checkpoint.pt, epoch 2
     assert whole["metrics_values"]["stage1"]["final_loss"] == pytest.approx(
         resumed["metrics_values"]["stage1"]["final_loss"], abs=1e-5)
 
